@@ -1,0 +1,145 @@
+"""Owns the served model: finds the newest valid version, prepares it, swaps it in atomically."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from service.model_format import version_dirs
+from service.serving.errors import ModelLoadError
+from service.serving.item_cache import ItemMatrixCache, VersionedHash, VersionKey
+from service.serving.loader import ModelVersion, load_version
+from service.serving.metrics import Metrics
+from service.serving.servable import ServingModel, compute_item_matrix, ids_digest
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RefreshResult:
+    version: int | None
+    changed: bool
+    refused: dict[int, str] = field(default_factory=dict)
+
+
+def directory_signature(path: Path) -> tuple[tuple[str, int, int], ...]:
+    """Changes when any file of a version changes: a refused version is retried only then."""
+    return tuple(sorted((p.relative_to(path).as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
+                        for p in path.rglob("*") if p.is_file()))
+
+
+class ModelManager:
+    def __init__(self, settings: Settings, cache: ItemMatrixCache | None,
+                 metrics: Metrics) -> None:
+        self.settings = settings
+        self.cache = cache
+        self.metrics = metrics
+        self.current: ServingModel | None = None
+        self.last_error: str | None = None
+        self._refused: dict[int, tuple[tuple[tuple[str, int, int], ...], str]] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def model_dir(self) -> Path:
+        return self.settings.model_store / self.settings.model_name
+
+    def refresh(self) -> RefreshResult:
+        """Serves the highest valid version newer than the current one, if any.
+
+        Versions above the one served that fail to load are refused and reported; the current
+        version keeps serving. One refresh runs at a time.
+        """
+        with self._lock:
+            refused: dict[int, str] = {}
+            served = self.current.number if self.current else 0
+            candidates = [(n, p) for n, p in version_dirs(self.model_dir) if n > served]
+            if not candidates and self.current is None:
+                self.last_error = f"no model version under {self.model_dir}"
+            for number, path in candidates:
+                version = self._load(number, path, refused)
+                if version is not None:
+                    self._switch(self._prepare(version))
+                    break
+            if refused and self.current is None:
+                self.last_error = "; ".join(f"version {n}: {r}" for n, r in refused.items())
+            return RefreshResult(self.current.number if self.current else None,
+                                 self.current is not None and self.current.number != served,
+                                 refused)
+
+    def _load(self, number: int, path: Path, refused: dict[int, str]) -> ModelVersion | None:
+        signature = directory_signature(path)
+        known = self._refused.get(number)
+        if known and known[0] == signature:
+            refused[number] = known[1]
+            return None
+        try:
+            return load_version(self.settings.model_name, number, path)
+        except ModelLoadError as exc:
+            log.error("refusing model %s version %d at %s: %s", self.settings.model_name,
+                      number, path, exc)
+            self.metrics.model_refusals.inc()
+            self._refused[number] = (signature, str(exc))
+            refused[number] = str(exc)
+            return None
+
+    def _prepare(self, version: ModelVersion) -> ServingModel:
+        started = time.monotonic()
+        digest = ids_digest(version.items["item_id"].tolist())
+        key = VersionKey(version.name, version.version, version.fingerprint)
+
+        def compute() -> np.ndarray:
+            return compute_item_matrix(version, self.settings.item_batch_size)
+
+        if self.cache is None:
+            matrix, source = compute(), "computed"
+        else:
+            matrix, source = self.cache.get_or_compute(key, digest, compute)
+            self._share_users(version, key)
+            self.metrics.redis_up.set(0 if self.cache.degraded else 1)
+        if matrix.shape[0] != len(version.items):
+            raise ModelLoadError(f"item matrix has {matrix.shape[0]} rows for "
+                                 f"{len(version.items)} items")
+        elapsed = time.monotonic() - started
+        self.metrics.item_matrix_loads.labels(source).inc()
+        self.metrics.item_matrix_seconds.labels(source).observe(elapsed)
+        log.info("model %s version %d: %d item representations %s in %.2fs", version.name,
+                 version.version, len(matrix), "read from redis" if source == "redis"
+                 else "computed", elapsed)
+        return ServingModel(version, matrix, source, self.settings.rerank_depth)
+
+    def _share_users(self, version: ModelVersion, key: VersionKey) -> None:
+        """Publishes the user table to Redis (once per version) for other processes and tools."""
+        assert self.cache is not None
+        users = VersionedHash(self.cache.client, self.cache, "users")
+        if users.is_complete(key) or self.cache.degraded:
+            return
+        rows = version.users.to_dict("records")
+        users.put_many(key, {str(r["user_id"]): json.dumps(r, default=_plain).encode()
+                             for r in rows})
+
+    def _switch(self, serving: ServingModel) -> None:
+        previous, self.current = self.current, serving
+        self.last_error = None
+        self.metrics.model_loads.inc()
+        if previous is not None:
+            self.metrics.model_info.remove(previous.name, str(previous.number),
+                                           previous.version.fingerprint[:16])
+        self.metrics.model_info.labels(serving.name, str(serving.number),
+                                       serving.version.fingerprint[:16]).set(1)
+        self.metrics.items.set(len(serving.item_ids))
+        log.info("serving model %s version %d", serving.name, serving.number)
+
+
+def _plain(value: object) -> object:
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return str(value)

@@ -1,0 +1,82 @@
+"""HTTP routes: thin wrappers over the DataPlane."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service.serving.dataplane import DataPlane
+from service.serving.errors import Unauthorized
+from service.serving.schemas import (
+    ErrorResponse,
+    ModelDescription,
+    RecommendRequest,
+    RecommendResponse,
+    ReloadResponse,
+    ScoreRequest,
+    ScoreResponse,
+)
+
+
+def dataplane(request: Request) -> DataPlane:
+    plane: DataPlane = request.app.state.dataplane
+    return plane
+
+
+def require_api_key(request: Request) -> None:
+    expected = request.app.state.settings.api_key
+    if expected is None:
+        return
+    given = request.headers.get("x-api-key", "")
+    if not hmac.compare_digest(given.encode(), expected.get_secret_value().encode()):
+        raise Unauthorized("missing or wrong X-API-Key header")
+
+
+Plane = Annotated[DataPlane, Depends(dataplane)]
+ERRORS: dict[int | str, dict[str, object]] = {
+    code: {"model": ErrorResponse} for code in (401, 409, 413, 422, 503)}
+
+api = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=ERRORS)
+probes = APIRouter()
+
+
+@api.post("/score", response_model=ScoreResponse)
+def score(body: ScoreRequest, plane: Plane) -> ScoreResponse:
+    return plane.score(body)
+
+
+@api.post("/recommend", response_model=RecommendResponse)
+def recommend(body: RecommendRequest, plane: Plane) -> RecommendResponse:
+    return plane.recommend(body)
+
+
+@api.get("/model", response_model=ModelDescription)
+def model(plane: Plane) -> ModelDescription:
+    return plane.describe()
+
+
+@api.post("/admin/reload", response_model=ReloadResponse)
+def reload(plane: Plane) -> ReloadResponse:
+    return plane.reload()
+
+
+@probes.get("/healthz")
+async def healthz() -> dict[str, str]:
+    """Liveness: the process answers. Deliberately checks nothing else."""
+    return {"status": "ok"}
+
+
+@probes.get("/readyz")
+def readyz(plane: Plane) -> JSONResponse:
+    ready, body = plane.readiness()
+    return JSONResponse(body, status_code=200 if ready else 503)
+
+
+@probes.get("/metrics")
+def metrics(request: Request) -> Response:
+    return Response(generate_latest(request.app.state.metrics.registry),
+                    media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,183 @@
+"""A model version ready to serve: signatures, the item matrix, and the indexes requests use.
+
+Immutable once built; the manager swaps whole instances, so a request that took a reference
+runs entirely on one version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+from numpy.typing import NDArray
+
+from service.data.dataset import ITEM_ID, USER_ID
+from service.model_format import HISTORY_COLUMN, ITEM_EMBEDDING, SCORE, USER_EMBEDDING
+from service.ranking import rank
+from service.serving.errors import InvalidFeature, UnknownFeature, UnknownFilter
+from service.serving.inputs import UserQuery, as_list, item_inputs, user_inputs
+from service.serving.loader import ModelVersion
+
+
+def ids_digest(item_ids: Sequence[str]) -> str:
+    """Identifies the catalog order: a cached matrix is only valid for the same row order."""
+    digest = hashlib.sha256()
+    for item_id in item_ids:
+        digest.update(item_id.encode("utf-8", "surrogatepass"))
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def compute_item_matrix(version: ModelVersion, batch_size: int) -> NDArray[np.float32]:
+    """Runs the item tower over the whole catalog in batches."""
+    parts = []
+    for start in range(0, len(version.items), batch_size):
+        chunk = version.items.iloc[start:start + batch_size]
+        out = version.item_tower(**item_inputs(version.spec.item_features, chunk))
+        parts.append(out[ITEM_EMBEDDING].numpy())
+    return np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class StoredUser:
+    features: dict[str, Any]
+    history: tuple[str, ...]
+
+
+def attribute_index(version: ModelVersion) -> dict[str, dict[str, NDArray[np.int64]]]:
+    """attribute -> value -> item rows, for every categorical and multi-valued item feature."""
+    index: dict[str, dict[str, NDArray[np.int64]]] = {}
+    spec = version.spec.item_features
+    for name in spec.categorical + spec.multi:
+        column = version.items[name]
+        if name in spec.multi:
+            column = column.map(as_list).explode().dropna()
+        values = column.astype(str)
+        # Group the row labels (catalog rows), not positions: explode repeats labels.
+        index[name] = {str(v): group.index.to_numpy(dtype=np.int64)
+                       for v, group in values.groupby(values)}
+    return index
+
+
+def stored_users(version: ModelVersion) -> dict[str, StoredUser]:
+    names = list(version.spec.user_features.names)
+    table = version.users
+    features = table[names].to_dict("records") if names else [{}] * len(table)
+    return {str(uid): StoredUser({k: v for k, v in f.items() if not _missing(v)},
+                                 tuple(str(i) for i in as_list(h)))
+            for uid, f, h in zip(table[USER_ID], features, table[HISTORY_COLUMN], strict=True)}
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+class ServingModel:
+    def __init__(self, version: ModelVersion, item_matrix: NDArray[np.float32], source: str,
+                 rerank_depth: int) -> None:
+        self.version = version
+        self.spec = version.spec
+        self.item_matrix = item_matrix
+        self.source = source
+        self.rerank_depth = rerank_depth
+        self.item_ids: NDArray[Any] = version.items[ITEM_ID].to_numpy(dtype=object)
+        self.item_rows: dict[str, int] = {i: n for n, i in enumerate(self.item_ids)}
+        self.attributes = attribute_index(version)
+        self.users = stored_users(version)
+
+    @property
+    def name(self) -> str:
+        return self.version.name
+
+    @property
+    def number(self) -> int:
+        return self.version.version
+
+    # -- users ------------------------------------------------------------------------------
+
+    def query(self, user_id: str | None, features: Mapping[str, Any] | None) -> UserQuery:
+        """The user as the tower sees them: stored features and history, request overrides."""
+        stored = self.users.get(user_id) if user_id is not None else None
+        merged = dict(stored.features) if stored else {}
+        merged.update(self.validated_features(features or {}))
+        return UserQuery(user_id or "", merged, stored.history if stored else ())
+
+    def validated_features(self, features: Mapping[str, Any]) -> dict[str, Any]:
+        spec = self.spec.user_features
+        unknown = sorted(set(features) - set(spec.names))
+        if unknown:
+            raise UnknownFeature(f"unknown user feature(s) {unknown}; this model takes "
+                                 f"{sorted(spec.names)}")
+        out: dict[str, Any] = {}
+        for name, value in features.items():
+            if value is None:
+                continue
+            if name in spec.numeric:
+                if isinstance(value, bool) or not isinstance(value, int | float) \
+                        or not math.isfinite(value):
+                    raise InvalidFeature(f"feature {name!r} must be a finite number")
+            elif name in spec.multi:
+                if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                    raise InvalidFeature(f"feature {name!r} must be a list of strings")
+            elif not isinstance(value, str | int) or isinstance(value, bool):
+                raise InvalidFeature(f"feature {name!r} must be a string")
+            out[name] = value if name in spec.numeric or name in spec.multi else str(value)
+        return out
+
+    def embed(self, queries: Sequence[UserQuery]) -> NDArray[np.float32]:
+        inputs = user_inputs(self.spec.user_features, self.spec.history_length, queries)
+        return np.asarray(self.version.user_tower(**inputs)[USER_EMBEDDING], dtype=np.float32)
+
+    # -- scoring ----------------------------------------------------------------------------
+
+    def head(self, users: NDArray[np.float32], items: NDArray[np.float32]) -> NDArray[np.float32]:
+        out = self.version.score(user_embedding=tf.constant(users),
+                                 item_embedding=tf.constant(items))
+        return np.asarray(out[SCORE], dtype=np.float32)
+
+    def score(self, query: UserQuery, item_ids: Sequence[str]
+              ) -> tuple[list[tuple[str, float]], list[str]]:
+        """Scores of the known items in the order asked, and the unknown ids."""
+        rows = [self.item_rows.get(i) for i in item_ids]
+        known = [(i, r) for i, r in zip(item_ids, rows, strict=True) if r is not None]
+        unknown = [i for i, r in zip(item_ids, rows, strict=True) if r is None]
+        if not known:
+            return [], unknown
+        user = self.embed([query])
+        scores = self.head(user, self.item_matrix[[r for _, r in known]][None])[0]
+        return [(i, float(s)) for (i, _), s in zip(known, scores, strict=True)], unknown
+
+    def allowed(self, query: UserQuery, exclude_ids: Sequence[str], exclude_seen: bool,
+                filters: Mapping[str, Sequence[str]]) -> NDArray[np.bool_] | None:
+        """Which catalog rows may be recommended (None: all of them)."""
+        if not filters and not exclude_ids and not (exclude_seen and query.history):
+            return None
+        mask = np.ones(len(self.item_ids), dtype=bool)
+        for attribute, values in filters.items():
+            index = self.attributes.get(attribute)
+            if index is None:
+                raise UnknownFilter(f"unknown filter attribute {attribute!r}; items have "
+                                    f"{sorted(self.attributes)}")
+            keep = np.zeros_like(mask)
+            for value in values:
+                keep[index.get(value, [])] = True
+            mask &= keep
+        excluded = list(exclude_ids) + (list(query.history) if exclude_seen else [])
+        rows = [self.item_rows[i] for i in excluded if i in self.item_rows]
+        mask[rows] = False
+        return mask
+
+    def recommend(self, query: UserQuery, k: int, exclude_ids: Sequence[str] = (),
+                  exclude_seen: bool = True, filters: Mapping[str, Sequence[str]] | None = None,
+                  ) -> list[tuple[str, float]]:
+        allowed = self.allowed(query, exclude_ids, exclude_seen, filters or {})
+        user = self.embed([query])
+        indices, scores = rank(user, self.item_matrix, k, self.head, self.spec.retrieval,
+                               self.rerank_depth, None if allowed is None else allowed[None])
+        return [(str(self.item_ids[i]), float(s))
+                for i, s in zip(indices[0], scores[0], strict=True) if i >= 0]

@@ -1,0 +1,46 @@
+"""The service's configuration: the only place that reads the environment (RECSYS_*)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RECSYS_", protected_namespaces=(),
+                                      extra="ignore")
+
+    model_store: Path = Path("model_store")
+    """The model store root: ``<model_store>/<model_name>/<version>/``."""
+    model_name: str = "default"
+    """Which model under the store to serve (its highest valid version)."""
+    redis_url: str | None = None
+    """Redis shared by all replicas; unset: the service starts a private embedded Redis."""
+    api_key: SecretStr | None = None
+    """When set, every /v1/* request must carry this value in the X-API-Key header."""
+
+    redis_prefix: str = "recsys:"
+    """Prefix of every Redis key this service writes."""
+    redis_timeout_s: float = Field(0.5, gt=0)
+    """Socket timeout of every Redis call; Redis is a cache, never worth a slow request."""
+    item_cache_ttl_s: int | None = Field(7 * 24 * 3600, gt=0)
+    """Expiry of a version's cached item matrix in Redis (refreshed when written)."""
+    lock_timeout_s: float = Field(300.0, gt=0)
+    """Expiry of the lock held while one process computes a version's item matrix."""
+
+    max_k: int = Field(1000, ge=1)
+    """Largest k accepted by /v1/recommend."""
+    max_item_ids: int = Field(10_000, ge=1)
+    """Most item ids accepted in one request (item_ids, exclude_item_ids)."""
+    rerank_depth: int = Field(200, ge=1)
+    """How many items retrieval by u·c passes to the head for reranking."""
+    item_batch_size: int = Field(8192, ge=1)
+    """Items per item-tower call when computing the item matrix."""
+
+    poll_interval_s: float = Field(30.0, ge=0)
+    """How often to look for a new model version; 0 disables polling."""
+    log_format: Literal["text", "json"] = "text"
+    log_level: str = "INFO"

@@ -1,0 +1,169 @@
+"""One training run: split, features, train, evaluate beside the baselines, export."""
+
+from __future__ import annotations
+
+import datetime as dt
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+
+from service.data.dataset import ITEM_ID, LABEL, USER_ID, Dataset, FeatureSpec
+from service.model_format import FORMAT_VERSION, RETRIEVAL_DOT, RETRIEVAL_EXHAUSTIVE, ModelSpec
+from service.training import evaluate, metrics
+from service.training.export import ExportBundle, export_version, user_table
+from service.training.features import (
+    POPULARITY,
+    FeatureSchema,
+    fit_feature_schema,
+    sort_by_time,
+    training_examples,
+    with_popularity,
+)
+from service.training.model import ARCH_SEED, ModelConfig, Recommender, build_recommender
+from service.training.report import format_table, plot_learning_curves
+from service.training.split import Split, leave_last_out
+from service.training.trainer import TrainConfig, Trainer, TrainResult
+
+LABELLED_HOLDOUT_FRACTION = 0.2
+VALIDATION_USERS = 2000
+COLUMNS = ["sampled_hr@10", "sampled_ndcg@10", "full_hr@10", "full_ndcg@10", "auc", "logloss"]
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    history_length: int = 50
+    rerank_depth: int = 200
+
+
+@dataclass
+class RunResult:
+    version_dir: Path
+    metrics: dict[str, dict[str, float]]
+    table: str
+
+
+def encode_tables(schema: FeatureSchema, users: pd.DataFrame,
+                  items: pd.DataFrame) -> evaluate.Encoded:
+    item_features = schema.items.encode(items)
+    item_features["item_id"] = schema.item_ids.encode(items[ITEM_ID])
+    return evaluate.Encoded(schema, users, schema.users.encode(users), item_features)
+
+
+def run(dataset: Dataset, store: Path, name: str, options: RunOptions,
+        progress: Callable[[str], None] = print) -> RunResult:
+    fraction = LABELLED_HOLDOUT_FRACTION if dataset.has_labels else 0.0
+    split = leave_last_out(dataset.interactions, fraction)
+    progress(f"split: {len(split.train)} train, {len(split.validation)} validation, "
+             f"{len(split.test)} test rows; {len(split.test_items)} test users")
+    items = with_popularity(dataset.items, split.train)
+    item_spec = replace(dataset.item_features,
+                        numeric=(*dataset.item_features.numeric, POPULARITY))
+    schema = fit_feature_schema(split.train, dataset.users, items, dataset.user_features,
+                                item_spec, options.history_length)
+    encoded = encode_tables(schema, dataset.users, items)
+    catalog = pd.Index(items[ITEM_ID])
+    model = build_model(options.model, schema)
+    known_for_test = pd.concat([split.train, split.validation], ignore_index=True)
+    validation = evaluate.make_eval_set(
+        split.validation_items, split.train, dataset.interactions,
+        split.validation if dataset.has_labels else None, catalog, schema,
+        options.train.seed, max_users=VALIDATION_USERS)
+    trainer = Trainer(model, options.train, encoded.user_features, encoded.item_features,
+                      dataset.has_labels)
+    examples = training_examples(split.train, dataset.users, items, schema)
+    monitor = "val_auc" if dataset.has_labels else "val_full_ndcg@10"
+    progress(f"training {options.model.arch} on {len(examples.label)} examples")
+    fitted = trainer.fit(examples, lambda m: prefixed(
+        evaluate.evaluate_model(m, encoded, validation, options.rerank_depth)), monitor, progress)
+    test = evaluate.make_eval_set(
+        split.test_items, known_for_test, dataset.interactions,
+        split.test if dataset.has_labels else None, catalog, schema, options.train.seed)
+    results = {
+        f"{options.model.arch} (this model)":
+            evaluate.evaluate_model(model, encoded, test, options.rerank_depth),
+        "popularity": evaluate.evaluate_popularity(
+            metrics.popularity_scores(split.train, catalog), test),
+    }
+    oracle = evaluate.evaluate_oracle(test)
+    if oracle:
+        results["oracle (true probabilities)"] = oracle
+    table = format_table(results, COLUMNS)
+    progress(table)
+    bundle = ExportBundle(
+        model=model, schema=schema,
+        spec=ModelSpec(options.model.arch,
+                       RETRIEVAL_EXHAUSTIVE if options.model.arch == ARCH_SEED else RETRIEVAL_DOT,
+                       embedding_dim(model), options.history_length, dataset.user_features,
+                       item_spec),
+        items=items, users=user_table(dataset.users, histories(known_for_test)),
+        metadata=metadata(dataset, item_spec, split, options, results, fitted),
+        extra_files={"learning_curves.png": curves_png(fitted.history)})
+    version_dir = export_version(bundle, store, name)
+    progress(f"exported {version_dir}")
+    return RunResult(version_dir, results, table)
+
+
+def build_model(config: ModelConfig, schema: FeatureSchema) -> Recommender:
+    vocab_sizes = {f"user:{n}": len(v) for n, v in schema.users.vocabularies.items()}
+    vocab_sizes.update({f"item:{n}": len(v) for n, v in schema.items.vocabularies.items()})
+    return build_recommender(config, schema.users.spec, schema.items.spec, vocab_sizes,
+                             len(schema.user_ids), len(schema.item_ids))
+
+
+def embedding_dim(model: Recommender) -> int:
+    return int(model.item_tower.layers_out[-1].units)
+
+
+def prefixed(values: dict[str, float]) -> dict[str, float]:
+    return {f"val_{k}": v for k, v in values.items()}
+
+
+def histories(known: pd.DataFrame) -> dict[str, list[str]]:
+    """Each user's training positives, oldest first (the user table's history column)."""
+    ordered = sort_by_time(known[known[LABEL] > 0])
+    return {str(user): group.astype(str).tolist()
+            for user, group in ordered.groupby(USER_ID, sort=False)[ITEM_ID]}
+
+
+def curves_png(history: dict[str, list[float]]) -> bytes:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "curves.png"
+        plot_learning_curves(history, path)
+        return path.read_bytes()
+
+
+def metadata(dataset: Dataset, item_spec: FeatureSpec, split: Split, options: RunOptions,
+             results: dict[str, dict[str, float]], fitted: TrainResult) -> dict[str, Any]:
+    return {
+        "format_version": FORMAT_VERSION,
+        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "data": {"name": dataset.name, "source": dataset.source,
+                 "users": int(dataset.interactions[USER_ID].nunique()),
+                 "items": len(dataset.items), "interactions": len(dataset.interactions),
+                 "has_labels": dataset.has_labels,
+                 "train_rows": len(split.train), "validation_rows": len(split.validation),
+                 "test_rows": len(split.test)},
+        "feature_spec": {"user": dataset.user_features.to_dict(),
+                         "item": item_spec.to_dict(),
+                         "history_length": options.history_length},
+        "training": {"model": asdict(options.model), "train": asdict(options.train),
+                     "best_epoch": fitted.best_epoch, "seconds": round(fitted.seconds, 1),
+                     "tensorflow": tf.__version__, "rerank_depth": options.rerank_depth},
+        "evaluation": {"protocol": "leave-last-out by time; sampled = 99 uniform negatives; "
+                                   "full = whole catalog minus the user's training items",
+                       "test_users": len(split.test_items),
+                       "metrics": {k: {m: none_if_nan(v) for m, v in r.items()}
+                                   for k, r in results.items()}},
+    }
+
+
+def none_if_nan(value: float) -> float | None:
+    return None if value is None or not np.isfinite(value) else float(value)

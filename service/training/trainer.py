@@ -1,0 +1,186 @@
+"""The training loop: sampled-softmax retrieval loss on u·c plus binary cross-entropy on the head.
+
+- Retrieval: each positive against the whole catalog when it is small enough (a full softmax),
+  else against a uniform sample of items shared by the batch; accidental hits are masked.
+- Head: binary cross-entropy on the rows' own labels when the data has explicit negatives
+  (so the score estimates the click probability), else on each positive and a few random items.
+- The seed model trains on the binary cross-entropy only, as the write-up's model did.
+Early stopping restores the epoch with the best validation metric (never the test part).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+from numpy.typing import NDArray
+
+from service.training.features import TrainingExamples
+from service.training.model import ARCH_SEED, Recommender
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 512
+    learning_rate: float = 2e-3
+    negatives: int = 4
+    full_softmax_max_items: int = 8192
+    sampled_softmax_items: int = 4096
+    user_id_dropout: float = 0.1
+    patience: int = 3
+    seed: int = 0
+
+
+@dataclass
+class TrainResult:
+    history: dict[str, list[float]] = field(default_factory=dict)
+    best_epoch: int = 0
+    seconds: float = 0.0
+
+
+Validator = Callable[[Recommender], dict[str, float]]
+
+
+def table_tensors(table: dict[str, NDArray[Any]]) -> dict[str, tf.Tensor]:
+    return {name: tf.constant(values) for name, values in table.items()}
+
+
+def gather(table: dict[str, tf.Tensor], rows: tf.Tensor) -> dict[str, tf.Tensor]:
+    return {name: tf.gather(values, rows) for name, values in table.items()}
+
+
+class Trainer:
+    def __init__(self, model: Recommender, config: TrainConfig, users: dict[str, NDArray[Any]],
+                 items: dict[str, NDArray[Any]], has_labels: bool) -> None:
+        """``users``/``items``: encoded side-feature arrays per table row; ``items`` must also
+        hold "item_id" (the item-vocabulary index of each catalog row)."""
+        self.model = model
+        self.config = config
+        self.users = table_tensors(users)
+        self.items = table_tensors(items)
+        self.n_items = int(next(iter(items.values())).shape[0])
+        self.has_labels = has_labels
+        self.seed_arch = model.config.arch == ARCH_SEED
+        self.optimizer = keras.optimizers.Adam(config.learning_rate)
+        self.rng = np.random.default_rng(config.seed)
+        self._step = tf.function(self._train_step, reduce_retracing=True)
+
+    def _candidates(self) -> tf.Tensor:
+        if self.n_items <= self.config.full_softmax_max_items:
+            return tf.range(self.n_items, dtype=tf.int64)
+        return tf.random.uniform([self.config.sampled_softmax_items], 0, self.n_items,
+                                 dtype=tf.int64)
+
+    def _train_step(self, user_row: tf.Tensor, user_id: tf.Tensor, item_row: tf.Tensor,
+                    label: tf.Tensor, history: tf.Tensor) -> dict[str, tf.Tensor]:
+        with tf.GradientTape() as tape:
+            user_inputs = gather(self.users, user_row)
+            user_inputs.update(user_id=user_id, history=history)
+            u = self.model.user_tower(user_inputs, training=True)
+            c_pos = self.model.item_tower(gather(self.items, item_row), training=True)
+            candidates = self._candidates()
+            c_cand = self.model.item_tower(gather(self.items, candidates), training=True)
+            retrieval = (tf.constant(0.0) if self.seed_arch
+                         else self._softmax_loss(u, c_pos, c_cand, item_row, candidates, label))
+            head = self._head_loss(u, c_pos, c_cand, label)
+            loss = retrieval + head
+        variables = self.model.trainable_variables
+        self.optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables,
+                                           strict=True))
+        return {"loss": loss, "retrieval_loss": retrieval, "head_loss": head}
+
+    def _softmax_loss(self, u: tf.Tensor, c_pos: tf.Tensor, c_cand: tf.Tensor,
+                      item_row: tf.Tensor, candidates: tf.Tensor, label: tf.Tensor) -> tf.Tensor:
+        positive = tf.reduce_sum(u * c_pos, axis=-1, keepdims=True)
+        negative = tf.matmul(u, c_cand, transpose_b=True)
+        hit = tf.equal(item_row[:, None], candidates[None, :])
+        negative = tf.where(hit, tf.constant(-1e9, negative.dtype), negative)
+        logits = tf.concat([positive, negative], axis=1)
+        per_row = tf.nn.sparse_softmax_cross_entropy_with_logits(
+            tf.zeros(tf.shape(logits)[0], tf.int32), logits)
+        weights = tf.cast(label > 0, per_row.dtype)
+        return tf.reduce_sum(per_row * weights) / tf.maximum(tf.reduce_sum(weights), 1.0)
+
+    def _head_loss(self, u: tf.Tensor, c_pos: tf.Tensor, c_cand: tf.Tensor,
+                   label: tf.Tensor) -> tf.Tensor:
+        if self.has_labels:
+            items, targets = c_pos[:, None, :], label[:, None]
+        else:
+            picks = tf.random.uniform([tf.shape(u)[0], self.config.negatives], 0,
+                                      tf.shape(c_cand)[0], dtype=tf.int32)
+            items = tf.concat([c_pos[:, None, :], tf.gather(c_cand, picks)], axis=1)
+            targets = tf.concat([tf.ones_like(label)[:, None],
+                                 tf.zeros([tf.shape(u)[0], self.config.negatives])], axis=1)
+        logits = self.model.head(u, items, training=True)
+        return tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(targets, logits))
+
+    def _epoch(self, examples: TrainingExamples) -> dict[str, float]:
+        order = self.rng.permutation(len(examples.label))
+        totals: dict[str, float] = {}
+        steps = 0
+        for start in range(0, len(order), self.config.batch_size):
+            batch = order[start:start + self.config.batch_size]
+            user_id = examples.user_index[batch].copy()
+            # Dropping some ids to the unknown bucket teaches the cold-start embedding.
+            user_id[self.rng.random(len(batch)) < self.config.user_id_dropout] = 0
+            out = self._step(tf.constant(examples.user_row[batch]), tf.constant(user_id),
+                             tf.constant(examples.item_row[batch]),
+                             tf.constant(examples.label[batch]),
+                             tf.constant(examples.history[batch]))
+            for name, value in out.items():
+                totals[name] = totals.get(name, 0.0) + float(value)
+            steps += 1
+        return {name: total / max(steps, 1) for name, total in totals.items()}
+
+    def fit(self, examples: TrainingExamples, validate: Validator, monitor: str,
+            progress: Callable[[str], None] = print) -> TrainResult:
+        """Trains up to ``epochs``; keeps the weights of the epoch with the best ``monitor``."""
+        result = TrainResult()
+        self._build(examples)
+        best_value, best_weights, waited = -np.inf, self._weights(), 0
+        started = time.monotonic()
+        for epoch in range(1, self.config.epochs + 1):
+            epoch_start = time.monotonic()
+            metrics = {**self._epoch(examples), **validate(self.model)}
+            for name, value in metrics.items():
+                result.history.setdefault(name, []).append(value)
+            shown = "  ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+            progress(f"epoch {epoch}/{self.config.epochs}  {shown}  "
+                     f"({time.monotonic() - epoch_start:.1f}s)")
+            if metrics[monitor] > best_value:
+                best_value, best_weights, waited = metrics[monitor], self._weights(), 0
+                result.best_epoch = epoch
+            else:
+                waited += 1
+                if waited >= self.config.patience:
+                    progress(f"early stop: no {monitor} gain for {waited} epochs")
+                    break
+        self._restore(best_weights)
+        result.seconds = time.monotonic() - started
+        return result
+
+    def _build(self, examples: TrainingExamples) -> None:
+        """Creates every variable (one forward pass) so weights can be snapshotted."""
+        first = slice(0, 1)
+        user_inputs = gather(self.users, tf.constant(examples.user_row[first]))
+        user_inputs.update(user_id=tf.constant(examples.user_index[first]),
+                           history=tf.constant(examples.history[first]))
+        u = self.model.user_tower(user_inputs)
+        c = self.model.item_tower(gather(self.items, tf.constant(examples.item_row[first])))
+        self.model.head(u, c[:, None, :])
+
+    def _weights(self) -> list[NDArray[Any]]:
+        return [v.numpy().copy() for v in self.model.trainable_variables]
+
+    def _restore(self, weights: list[NDArray[Any]]) -> None:
+        for var, value in zip(self.model.trainable_variables, weights, strict=True):
+            var.assign(value)
