@@ -10,8 +10,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
+    # An empty variable (e.g. compose's `RECSYS_API_KEY:`) means unset, never an empty key.
     model_config = SettingsConfigDict(env_prefix="RECSYS_", protected_namespaces=(),
-                                      extra="ignore")
+                                      extra="ignore", env_ignore_empty=True)
 
     model_store: Path = Path("model_store")
     """The model store root: ``<model_store>/<model_name>/<version>/``."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,7 +52,7 @@ def as_float(value: Any) -> float:
     return number
 
 
-def side_features(spec: FeatureSpec, columns: dict[str, Sequence[Any]]) -> dict[str, tf.Tensor]:
+def side_features(spec: FeatureSpec, columns: Mapping[str, Sequence[Any]]) -> dict[str, tf.Tensor]:
     """Side-feature tensors from per-feature value lists (missing: "", [] or NaN)."""
     tensors: dict[str, tf.Tensor] = {}
     for name in spec.categorical:

@@ -68,7 +68,7 @@ def stored_users(version: ModelVersion) -> dict[str, StoredUser]:
     names = list(version.spec.user_features.names)
     table = version.users
     features = table[names].to_dict("records") if names else [{}] * len(table)
-    return {str(uid): StoredUser({k: v for k, v in f.items() if not _missing(v)},
+    return {str(uid): StoredUser({str(k): v for k, v in f.items() if not _missing(v)},
                                  tuple(str(i) for i in as_list(h)))
             for uid, f, h in zip(table[USER_ID], features, table[HISTORY_COLUMN], strict=True)}
 

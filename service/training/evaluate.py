@@ -52,7 +52,7 @@ def make_eval_set(targets: pd.DataFrame, known: pd.DataFrame, everything: pd.Dat
     return EvalSet(
         targets=targets, known=known, pointwise=pointwise,
         negatives=metrics.sample_negatives(targets, everything, catalog, n=99, seed=seed),
-        target_rows=catalog.get_indexer(targets[ITEM_ID]).astype(np.int64),
+        target_rows=catalog.get_indexer(pd.Index(targets[ITEM_ID])).astype(np.int64),
         exclude=exclude, sequences=positive_sequences(known, schema.item_ids), catalog=catalog)
 
 
@@ -140,7 +140,7 @@ def pointwise_metrics(model: Recommender, encoded: Encoded, data: EvalSet,
                                      NDArray[np.float32]]) -> dict[str, float]:
     rows = data.pointwise
     assert rows is not None
-    item_rows = data.catalog.get_indexer(rows[ITEM_ID])
+    item_rows = data.catalog.get_indexer(pd.Index(rows[ITEM_ID]))
     scores = np.zeros(len(rows), dtype=np.float32)
     for part in chunks(len(rows), 4096):
         u = user_embeddings(model, encoded, rows[USER_ID].iloc[part], data.sequences)
@@ -160,7 +160,7 @@ def evaluate_popularity(counts: NDArray[np.float64], data: EvalSet) -> dict[str,
     result.pop("logloss", None)  # counts are no probabilities
     if data.pointwise is not None:
         # Counts rank but are no probabilities: AUC only, no logloss.
-        rows = data.catalog.get_indexer(data.pointwise[ITEM_ID])
+        rows = data.catalog.get_indexer(pd.Index(data.pointwise[ITEM_ID]))
         result["auc"] = metrics.auc(data.pointwise[LABEL].to_numpy(),
                                     np.where(rows >= 0, scores[rows], 0.0))
     return result

@@ -35,7 +35,13 @@ from service.model_format import (
     input_name,
     version_dirs,
 )
-from service.training.features import NUMERIC_CLIP, FeatureSchema, TableSchema, Vocabulary
+from service.training.features import (
+    BUCKET_SUFFIX,
+    NUMERIC_CLIP,
+    FeatureSchema,
+    TableSchema,
+    Vocabulary,
+)
 from service.training.model import Recommender
 
 
@@ -72,8 +78,14 @@ class TableEncoder(tf.Module):
         for name in spec.numeric:
             stats = self.schema.numeric[name]
             x = (raw[input_name(name)] - stats.mean) / stats.std
-            x = tf.where(tf.math.is_finite(x), x, tf.zeros_like(x))
-            encoded[name] = tf.clip_by_value(x, -NUMERIC_CLIP, NUMERIC_CLIP)
+            finite = tf.math.is_finite(raw[input_name(name)])
+            encoded[name] = tf.clip_by_value(tf.where(finite, x, tf.zeros_like(x)),
+                                             -NUMERIC_CLIP, NUMERIC_CLIP)
+            boundaries = tf.constant([stats.boundaries], tf.float32) if stats.boundaries \
+                else tf.zeros([1, 0], tf.float32)
+            buckets = tf.searchsorted(boundaries, raw[input_name(name)][None, :],
+                                      side="right", out_type=tf.int32)[0] + 1
+            encoded[name + BUCKET_SUFFIX] = tf.where(finite, buckets, tf.zeros_like(buckets))
         return encoded
 
 

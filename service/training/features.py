@@ -18,6 +18,8 @@ from service.data.dataset import ITEM_ID, LABEL, TIMESTAMP, USER_ID, FeatureSpec
 
 NUMERIC_CLIP = 8.0
 MAX_MULTI_VALUES = 32
+NUMERIC_BUCKETS = 10
+BUCKET_SUFFIX = "#bucket"
 
 
 @dataclass(frozen=True)
@@ -38,17 +40,33 @@ def fit_vocabulary(values: pd.Series) -> Vocabulary:
     """Tokens sorted by frequency (then lexically) so indices are deterministic; "" excluded."""
     counts = values[values != ""].astype(str).value_counts()
     ordered = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
-    return Vocabulary(tuple(token for token, _ in ordered))
+    return Vocabulary(tuple(str(token) for token, _ in ordered))
 
 
 @dataclass(frozen=True)
 class NumericStats:
+    """Standardisation plus quantile buckets: the bucket embedding lets the model learn
+    thresholds (age groups, price bands) that a single scaled value makes hard."""
+
     mean: float
     std: float
+    boundaries: tuple[float, ...] = ()
 
     def normalise(self, values: Any) -> NDArray[np.float32]:
         x = (np.asarray(values, dtype=np.float32) - np.float32(self.mean)) / np.float32(self.std)
-        return np.clip(np.nan_to_num(x, nan=0.0), -NUMERIC_CLIP, NUMERIC_CLIP).astype(np.float32)
+        x = np.where(np.isfinite(x), x, np.float32(0.0))
+        return np.clip(x, -NUMERIC_CLIP, NUMERIC_CLIP).astype(np.float32)
+
+    def bucketise(self, values: Any) -> NDArray[np.int32]:
+        """1 + the number of boundaries <= value; 0 for a missing (non-finite) value."""
+        x = np.asarray(values, dtype=np.float32)
+        buckets = np.searchsorted(np.asarray(self.boundaries, dtype=np.float32), x,
+                                  side="right") + 1
+        return np.where(np.isfinite(x), buckets, 0).astype(np.int32)
+
+    @property
+    def n_buckets(self) -> int:
+        return len(self.boundaries) + 2
 
 
 def fit_numeric(values: pd.Series) -> NumericStats:
@@ -57,7 +75,9 @@ def fit_numeric(values: pd.Series) -> NumericStats:
     if finite.empty:
         return NumericStats(0.0, 1.0)
     std = float(finite.std(ddof=0))
-    return NumericStats(float(finite.mean()), std if std > 1e-6 else 1.0)
+    quantiles = np.quantile(finite, np.linspace(0, 1, NUMERIC_BUCKETS + 1)[1:-1])
+    return NumericStats(float(finite.mean()), std if std > 1e-6 else 1.0,
+                        tuple(float(q) for q in np.unique(quantiles.astype(np.float32))))
 
 
 @dataclass
@@ -76,7 +96,9 @@ class TableSchema:
         for name in self.spec.multi:
             encoded[name] = encode_lists(table[name], self.vocabularies[name])
         for name in self.spec.numeric:
-            encoded[name] = self.numeric[name].normalise(table[name])
+            values = pd.to_numeric(table[name], errors="coerce").to_numpy(dtype=np.float32)
+            encoded[name] = self.numeric[name].normalise(values)
+            encoded[name + BUCKET_SUFFIX] = self.numeric[name].bucketise(values)
         return encoded
 
 
@@ -200,7 +222,7 @@ def training_examples(interactions: pd.DataFrame, users: pd.DataFrame, items: pd
     # All users' positives in (user, time) order; a row's history ends just before the
     # positives counted so far and starts no earlier than its user's first positive.
     positive_items = schema.item_ids.encode(ordered.loc[is_positive, ITEM_ID])
-    end = np.cumsum(is_positive) - is_positive
+    end: NDArray[np.int64] = np.cumsum(is_positive) - is_positive
     first = pd.Series(end).groupby(user_codes).transform("min").to_numpy()
     index = end[:, None] + np.arange(-schema.history_length, 0)[None, :]
     valid = index >= first[:, None]

@@ -19,6 +19,7 @@ import keras
 import tensorflow as tf
 
 from service.data.dataset import FeatureSpec
+from service.training.features import BUCKET_SUFFIX
 
 ARCH_SEED = "seed"
 ARCH_INTERACTION = "interaction"
@@ -31,6 +32,7 @@ class ModelConfig:
     arch: str = ARCH_INTERACTION
     embedding_dim: int = 64
     id_dim: int = 64
+    user_id_dim: int = 64
     feature_dim: int = 16
     hidden_dim: int = 256
     head_hidden: tuple[int, ...] = (128, 64)
@@ -53,12 +55,16 @@ class SideFeatures(keras.layers.Layer):
         self.embeddings = {name: keras.layers.Embedding(vocab_sizes[name], dim,
                                                         name=f"emb_{i}")
                            for i, name in enumerate(spec.categorical + spec.multi)}
+        self.buckets = {name: keras.layers.Embedding(vocab_sizes[name + BUCKET_SUFFIX], dim,
+                                                     name=f"bucket_{i}")
+                        for i, name in enumerate(spec.numeric)}
 
     def call(self, inputs: dict[str, tf.Tensor]) -> list[tf.Tensor]:
         parts = [self.embeddings[name](inputs[name]) for name in self.spec.categorical]
         parts += [masked_mean(self.embeddings[name](inputs[name]), inputs[name])
                   for name in self.spec.multi]
         parts += [tf.cast(inputs[name], tf.float32)[:, None] for name in self.spec.numeric]
+        parts += [self.buckets[name](inputs[name + BUCKET_SUFFIX]) for name in self.spec.numeric]
         return parts
 
 
@@ -67,7 +73,7 @@ class UserTower(keras.Model):
                  n_user_ids: int, item_ids: keras.layers.Embedding, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.seed_arch = config.arch == ARCH_SEED
-        self.user_ids = keras.layers.Embedding(n_user_ids, config.id_dim, name="user_id")
+        self.user_ids = keras.layers.Embedding(n_user_ids, config.user_id_dim, name="user_id")
         self.item_ids = item_ids
         self.side = SideFeatures(spec, vocab_sizes, config.feature_dim, name="user_side")
         if self.seed_arch:

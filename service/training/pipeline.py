@@ -18,6 +18,7 @@ from service.model_format import FORMAT_VERSION, RETRIEVAL_DOT, RETRIEVAL_EXHAUS
 from service.training import evaluate, metrics
 from service.training.export import ExportBundle, export_version, user_table
 from service.training.features import (
+    BUCKET_SUFFIX,
     POPULARITY,
     FeatureSchema,
     fit_feature_schema,
@@ -112,8 +113,11 @@ def run(dataset: Dataset, store: Path, name: str, options: RunOptions,
 
 
 def build_model(config: ModelConfig, schema: FeatureSchema) -> Recommender:
-    vocab_sizes = {f"user:{n}": len(v) for n, v in schema.users.vocabularies.items()}
-    vocab_sizes.update({f"item:{n}": len(v) for n, v in schema.items.vocabularies.items()})
+    vocab_sizes: dict[str, int] = {}
+    for table, table_schema in (("user", schema.users), ("item", schema.items)):
+        vocab_sizes.update({f"{table}:{n}": len(v) for n, v in table_schema.vocabularies.items()})
+        vocab_sizes.update({f"{table}:{n}{BUCKET_SUFFIX}": s.n_buckets
+                            for n, s in table_schema.numeric.items()})
     return build_recommender(config, schema.users.spec, schema.items.spec, vocab_sizes,
                              len(schema.user_ids), len(schema.item_ids))
 

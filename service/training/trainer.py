@@ -36,6 +36,7 @@ class TrainConfig:
     full_softmax_max_items: int = 8192
     sampled_softmax_items: int = 4096
     user_id_dropout: float = 0.1
+    weight_decay: float = 0.0
     patience: int = 3
     seed: int = 0
 
@@ -70,7 +71,8 @@ class Trainer:
         self.n_items = int(next(iter(items.values())).shape[0])
         self.has_labels = has_labels
         self.seed_arch = model.config.arch == ARCH_SEED
-        self.optimizer = keras.optimizers.Adam(config.learning_rate)
+        self.optimizer = keras.optimizers.AdamW(config.learning_rate,
+                                                weight_decay=config.weight_decay)
         self.rng = np.random.default_rng(config.seed)
         self._step = tf.function(self._train_step, reduce_retracing=True)
 
