@@ -19,7 +19,7 @@ from service.serving.item_cache import ItemMatrixCache, connect
 from service.serving.logs import configure_logging
 from service.serving.manager import ModelManager
 from service.serving.metrics import Metrics
-from service.serving.middleware import RequestContext
+from service.serving.middleware import ApiKeyGuard, RequestContext
 from service.serving.routes import api, probes
 from service.settings import Settings
 
@@ -120,7 +120,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     add_error_handlers(app)
     app.include_router(api)
     app.include_router(probes)
-    app.add_middleware(RequestContext, metrics=metrics)
+    if settings.api_key is not None:
+        app.add_middleware(ApiKeyGuard, api_key=settings.api_key.get_secret_value(),
+                           metrics=metrics)
+    app.add_middleware(RequestContext, metrics=metrics)  # added last: runs first
     return app
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -32,6 +33,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Several workers must share one cache: start the private Redis here, not per worker.
         embedded = EmbeddedRedis().start()
         os.environ["RECSYS_REDIS_URL"] = embedded.url
+    # uvicorn drains in-flight requests on SIGTERM, then re-raises the signal; exiting through
+    # this handler instead makes a graceful stop exit 0, as orchestrators expect.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         uvicorn.run("service.serving.app:app_from_environment", factory=True, host=args.host,
                     port=args.port, workers=args.workers, access_log=False,

@@ -42,11 +42,6 @@ class NotReady(ServiceError):
     code = "not_ready"
 
 
-class Unauthorized(ServiceError):
-    status = 401
-    code = "unauthorized"
-
-
 class VersionRefused(ServiceError):
     status = 409
     code = "version_refused"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -121,8 +122,8 @@ class ModelManager:
         if users.is_complete(key) or self.cache.degraded:
             return
         rows = version.users.to_dict("records")
-        users.put_many(key, {str(r["user_id"]): json.dumps(r, default=_plain).encode()
-                             for r in rows})
+        users.put_many(key, {str(r["user_id"]): json.dumps(
+            {k: _plain(v) for k, v in r.items()}, allow_nan=False).encode() for r in rows})
 
     def _switch(self, serving: ServingModel) -> None:
         previous, self.current = self.current, serving
@@ -138,8 +139,13 @@ class ModelManager:
 
 
 def _plain(value: object) -> object:
+    """A user-table cell as strict JSON: arrays as lists, missing numbers as null."""
     if isinstance(value, np.ndarray):
-        return value.tolist()
+        return [_plain(v) for v in value.tolist()]
     if isinstance(value, np.generic):
-        return value.item()
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is None or isinstance(value, str | int | float | bool | list):
+        return value
     return str(value)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import logging
 import re
 import time
@@ -84,3 +85,26 @@ def route_template(scope: Scope) -> str:
     """The matched route's path template (bounded label values), never the raw path."""
     route: Any = scope.get("route")
     return str(getattr(route, "path", "unmatched"))
+
+
+class ApiKeyGuard:
+    """Every /v1/* request must carry X-API-Key; checked before the body is even read, in
+    constant time. Probes and /metrics stay open."""
+
+    def __init__(self, app: ASGIApp, api_key: str, metrics: Metrics) -> None:
+        self.app = app
+        self.expected = api_key.encode()
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope.get("path", "").startswith("/v1/"):
+            given = dict(scope.get("headers", [])).get(b"x-api-key", b"")
+            if not hmac.compare_digest(given, self.expected):
+                self.metrics.errors.labels("unauthorized").inc()
+                await send({"type": "http.response.start", "status": 401,
+                            "headers": [(b"content-type", b"application/json")]})
+                await send({"type": "http.response.body", "body": orjson.dumps(
+                    {"error": {"code": "unauthorized",
+                               "message": "missing or wrong X-API-Key header"}})})
+                return
+        await self.app(scope, receive, send)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -10,7 +9,6 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.serving.dataplane import DataPlane
-from service.serving.errors import Unauthorized
 from service.serving.schemas import (
     ErrorResponse,
     ModelDescription,
@@ -27,20 +25,11 @@ def dataplane(request: Request) -> DataPlane:
     return plane
 
 
-def require_api_key(request: Request) -> None:
-    expected = request.app.state.settings.api_key
-    if expected is None:
-        return
-    given = request.headers.get("x-api-key", "")
-    if not hmac.compare_digest(given.encode(), expected.get_secret_value().encode()):
-        raise Unauthorized("missing or wrong X-API-Key header")
-
-
 Plane = Annotated[DataPlane, Depends(dataplane)]
 ERRORS: dict[int | str, dict[str, object]] = {
     code: {"model": ErrorResponse} for code in (401, 409, 413, 422, 503)}
 
-api = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=ERRORS)
+api = APIRouter(prefix="/v1", responses=ERRORS)
 probes = APIRouter()
 
 

@@ -23,6 +23,9 @@ from service.serving.errors import InvalidFeature, UnknownFeature, UnknownFilter
 from service.serving.inputs import UserQuery, as_list, item_inputs, user_inputs
 from service.serving.loader import ModelVersion
 
+# Far beyond any real feature, and safely inside float32 after standardisation.
+MAX_ABS_NUMERIC = 1e30
+
 
 def ids_digest(item_ids: Sequence[str]) -> str:
     """Identifies the catalog order: a cached matrix is only valid for the same row order."""
@@ -73,6 +76,20 @@ def stored_users(version: ModelVersion) -> dict[str, StoredUser]:
             for uid, f, h in zip(table[USER_ID], features, table[HISTORY_COLUMN], strict=True)}
 
 
+def finite_number(name: str, value: Any) -> float:
+    """A request's numeric feature as a float the model can take (float32, finite)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidFeature(f"feature {name!r} must be a number")
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number) or abs(number) > MAX_ABS_NUMERIC:
+        raise InvalidFeature(f"feature {name!r} must be a finite number of magnitude at most "
+                             f"{MAX_ABS_NUMERIC:g}")
+    return number
+
+
 def _missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
@@ -118,9 +135,7 @@ class ServingModel:
             if value is None:
                 continue
             if name in spec.numeric:
-                if isinstance(value, bool) or not isinstance(value, int | float) \
-                        or not math.isfinite(value):
-                    raise InvalidFeature(f"feature {name!r} must be a finite number")
+                value = finite_number(name, value)
             elif name in spec.multi:
                 if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                     raise InvalidFeature(f"feature {name!r} must be a list of strings")

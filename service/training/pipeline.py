@@ -49,6 +49,8 @@ class RunResult:
     version_dir: Path
     metrics: dict[str, dict[str, float]]
     table: str
+    model: Recommender
+    encoded: evaluate.Encoded
 
 
 def encode_tables(schema: FeatureSchema, users: pd.DataFrame,
@@ -109,7 +111,7 @@ def run(dataset: Dataset, store: Path, name: str, options: RunOptions,
         extra_files={"learning_curves.png": curves_png(fitted.history)})
     version_dir = export_version(bundle, store, name)
     progress(f"exported {version_dir}")
-    return RunResult(version_dir, results, table)
+    return RunResult(version_dir, results, table, model, encoded)
 
 
 def build_model(config: ModelConfig, schema: FeatureSchema) -> Recommender:

@@ -37,6 +37,7 @@ class TrainConfig:
     sampled_softmax_items: int = 4096
     user_id_dropout: float = 0.1
     weight_decay: float = 0.0
+    retrieval_weight: float = 1.0
     patience: int = 3
     seed: int = 0
 
@@ -94,7 +95,7 @@ class Trainer:
             retrieval = (tf.constant(0.0) if self.seed_arch
                          else self._softmax_loss(u, c_pos, c_cand, item_row, candidates, label))
             head = self._head_loss(u, c_pos, c_cand, label)
-            loss = retrieval + head
+            loss = self.config.retrieval_weight * retrieval + head
         variables = self.model.trainable_variables
         self.optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables,
                                            strict=True))

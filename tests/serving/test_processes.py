@@ -1,0 +1,124 @@
+"""Two real `recsys-serve` processes on one Redis: one computes the item matrix, the other reads
+it; both answer identically; both stop cleanly on SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+
+from service.redis_server import free_port
+
+from .helpers import item_matrix_loads, unique_prefix, wait_ready
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+PROCESS_DB = 5  # a database of the private Redis that no other test uses
+READY_TIMEOUT_S = 120.0
+STOP_TIMEOUT_S = 30.0
+
+
+class Server:
+    def __init__(self, port: int, process: subprocess.Popen[bytes], log_path: Path) -> None:
+        self.port = port
+        self.process = process
+        self.log_path = log_path
+        self.http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10.0)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-5000:]
+
+    def get(self, path: str) -> httpx.Response:
+        return self.http.get(path)
+
+    def post(self, path: str, body: dict[str, Any]) -> Any:
+        response = self.http.post(path, json=body)
+        assert response.status_code == 200, (response.status_code, response.text)
+        return response.json()
+
+
+def serve_command(port: int) -> list[str]:
+    script = Path(sys.executable).with_name("recsys-serve")
+    if script.exists():
+        return [str(script), "--port", str(port)]
+    return [sys.executable, "-m", "service.serving.cli", "--port", str(port)]
+
+
+@pytest.fixture
+def servers(tmp_path: Path, model_store: Path, redis_url: str) -> Iterator[list[Server]]:
+    store = tmp_path / "store"
+    shutil.copytree(model_store, store)
+    url = f"{redis_url.rsplit('/', 1)[0]}/{PROCESS_DB}"
+    flush = redis.Redis.from_url(url)
+    flush.flushdb()
+    flush.close()
+    env = {**os.environ, "RECSYS_MODEL_STORE": str(store), "RECSYS_REDIS_URL": url,
+           "RECSYS_REDIS_PREFIX": unique_prefix("proc"), "RECSYS_POLL_INTERVAL_S": "0",
+           "OPENBLAS_NUM_THREADS": "1", "TF_CPP_MIN_LOG_LEVEL": "2",
+           "RECSYS_LOG_LEVEL": "INFO"}
+    env.pop("RECSYS_API_KEY", None)
+    started: list[Server] = []
+    try:
+        for n in range(2):
+            port = free_port()
+            log_path = tmp_path / f"server{n}.log"
+            with log_path.open("wb") as log_file:
+                process = subprocess.Popen(serve_command(port), cwd=REPO_ROOT, env=env,
+                                           stdout=log_file, stderr=subprocess.STDOUT,
+                                           start_new_session=True)
+            started.append(Server(port, process, log_path))
+        yield started
+    finally:
+        for server in started:
+            server.http.close()
+            if server.process.poll() is None:
+                server.process.kill()
+                server.process.wait(timeout=10)
+
+
+@pytest.mark.timeout(240)
+def test_two_processes_share_one_item_matrix(servers: list[Server]) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    for server in servers:
+        try:
+            wait_ready(server.http, max(1.0, deadline - time.monotonic()))
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\nexit code {server.process.poll()}; log:\n"
+                                 f"{server.log()}") from None
+
+    loads = [item_matrix_loads(server.get("/metrics").text) for server in servers]
+    assert sum(load.get("computed", 0.0) for load in loads) == 1.0, loads
+    assert sum(load.get("redis", 0.0) for load in loads) == 1.0, loads
+    assert all(sum(load.values()) == 1.0 for load in loads), loads
+
+    versions = {server.post("/v1/admin/reload", {})["model"]["version"] for server in servers}
+    assert versions == {1}
+    items = [f"i{n}" for n in range(1, 151, 7)] + ["unknown"]
+    for user in ({"id": "u1"}, {"id": "u250"}, {}, {"features": {"gender": "X", "age": 30}}):
+        recommended = [server.post("/v1/recommend", {"user": user, "k": 15})
+                       for server in servers]
+        assert recommended[0] == recommended[1]
+        assert len(recommended[0]["items"]) == 15
+        scored = [server.post("/v1/score", {"user": user, "item_ids": items})
+                  for server in servers]
+        assert scored[0] == scored[1]
+        assert scored[0]["unknown_item_ids"] == ["unknown"]
+
+    for server in servers:
+        server.process.send_signal(signal.SIGTERM)
+    for server in servers:
+        try:
+            code = server.process.wait(timeout=STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"no exit {STOP_TIMEOUT_S}s after SIGTERM; log:\n"
+                                 f"{server.log()}") from None
+        assert code == 0, f"exit code {code}; log:\n{server.log()}"
