@@ -100,10 +100,6 @@ class EmbeddedRedis:
             self._workdir.cleanup()
             self._workdir = None
 
-    @property
-    def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
-
     def __enter__(self) -> EmbeddedRedis:
         return self.start()
 

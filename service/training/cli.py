@@ -13,7 +13,7 @@ from service.data.errors import DataError
 from service.training.model import ARCH_INTERACTION, ARCHS, ModelConfig
 from service.training.trainer import TrainConfig
 
-DEFAULT_SYNTHETIC_USERS = 5000
+DEFAULT_SYNTHETIC_USERS = 20_000
 DEFAULT_SYNTHETIC_ITEMS = 2000
 
 

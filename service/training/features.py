@@ -133,8 +133,9 @@ POPULARITY = "popularity"
 
 
 def with_popularity(items: pd.DataFrame, train: pd.DataFrame) -> pd.DataFrame:
-    """Adds the item's log training-positive count: a feature the item tower can use."""
-    counts = train.loc[train[LABEL] > 0, ITEM_ID].value_counts()
+    """Adds the item's log count of training rows: how much it is seen (with explicit
+    negatives: its exposure, not its clicks, which the model should explain itself)."""
+    counts = train[ITEM_ID].value_counts()
     items = items.copy()
     items[POPULARITY] = np.log1p(items[ITEM_ID].map(counts).fillna(0).to_numpy(dtype=np.float64))
     return items
@@ -180,10 +181,6 @@ class PositiveSequences:
         if take:
             out[length - take:] = self.items[begin + count - take: begin + count]
         return out
-
-    def item_ids(self, user_id: str, vocabulary: Vocabulary) -> list[str]:
-        begin, count = self.start.get(user_id, 0), self.length.get(user_id, 0)
-        return [vocabulary.tokens[i - 1] for i in self.items[begin: begin + count] if i > 0]
 
 
 def positive_sequences(interactions: pd.DataFrame, item_ids: Vocabulary) -> PositiveSequences:

@@ -7,6 +7,8 @@ never share cache entries unless a test means them to (same prefix, same store).
 from __future__ import annotations
 
 import contextlib
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -94,3 +96,31 @@ def item_matrix_loads(text: str) -> dict[str, float]:
     return {labels["source"]: value
             for name, labels, value in metric_samples(text, "recsys_item_matrix_loads")
             if name == "recsys_item_matrix_loads_total"}
+
+
+# ---- real server processes -------------------------------------------------------------------
+
+class Server:
+    def __init__(self, port: int, process: subprocess.Popen[bytes], log_path: Path) -> None:
+        self.port = port
+        self.process = process
+        self.log_path = log_path
+        self.http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10.0)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-5000:]
+
+    def get(self, path: str) -> httpx.Response:
+        return self.http.get(path)
+
+    def post(self, path: str, body: dict[str, Any]) -> Any:
+        response = self.http.post(path, json=body)
+        assert response.status_code == 200, (response.status_code, response.text)
+        return response.json()
+
+
+def serve_command(port: int) -> list[str]:
+    script = Path(sys.executable).with_name("recsys-serve")
+    if script.exists():
+        return [str(script), "--port", str(port)]
+    return [sys.executable, "-m", "service.serving.cli", "--port", str(port)]

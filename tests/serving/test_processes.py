@@ -7,50 +7,21 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import httpx
 import pytest
 import redis
 
 from service.redis_server import free_port
 
-from .helpers import item_matrix_loads, unique_prefix, wait_ready
+from .helpers import Server, item_matrix_loads, serve_command, unique_prefix, wait_ready
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PROCESS_DB = 5  # a database of the private Redis that no other test uses
 READY_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 30.0
-
-
-class Server:
-    def __init__(self, port: int, process: subprocess.Popen[bytes], log_path: Path) -> None:
-        self.port = port
-        self.process = process
-        self.log_path = log_path
-        self.http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10.0)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-5000:]
-
-    def get(self, path: str) -> httpx.Response:
-        return self.http.get(path)
-
-    def post(self, path: str, body: dict[str, Any]) -> Any:
-        response = self.http.post(path, json=body)
-        assert response.status_code == 200, (response.status_code, response.text)
-        return response.json()
-
-
-def serve_command(port: int) -> list[str]:
-    script = Path(sys.executable).with_name("recsys-serve")
-    if script.exists():
-        return [str(script), "--port", str(port)]
-    return [sys.executable, "-m", "service.serving.cli", "--port", str(port)]
 
 
 @pytest.fixture
