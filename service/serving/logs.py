@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+from typing import TextIO
 
 from pythonjsonlogger.json import JsonFormatter
 
@@ -16,8 +17,9 @@ class RequestIdFilter(logging.Filter):
         return True
 
 
-def configure_logging(fmt: str, level: str) -> None:
-    handler = logging.StreamHandler()
+def configure_logging(fmt: str, level: str, stream: TextIO | None = None) -> None:
+    """Replaces the root logger's handlers with one writing to ``stream`` (stderr)."""
+    handler = logging.StreamHandler(stream)
     handler.addFilter(RequestIdFilter())
     if fmt == "json":
         handler.setFormatter(JsonFormatter(
