@@ -24,7 +24,8 @@ from service.data.movielens import (
 
 def ml100k_path() -> Path:
     """The real ML-100K (not part of the repository: its licence forbids copying it)."""
-    return Path(os.environ.get("RECSYS_ML100K", "/work/shared/data/ml-100k"))
+    default = Path(__file__).resolve().parents[3] / "shared" / "data" / "ml-100k"
+    return Path(os.environ.get("RECSYS_ML100K", default))
 
 
 def _flags(*genres: str) -> str:
