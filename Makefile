@@ -30,7 +30,7 @@ PYTEST_ARGS ?=
 no-digits = $(subst 9,,$(subst 8,,$(subst 7,,$(subst 6,,$(subst 5,,$(subst 4,,$(subst 3,,$(subst 2,,$(subst 1,,$(subst 0,,$(1)))))))))))
 MODEL_VERSIONS := $(foreach v,$(notdir $(patsubst %/saved_model.pb,%,$(wildcard $(MODEL_DIR)/*/saved_model.pb))),$(if $(call no-digits,$(v)),,$(if $(subst 0,,$(v)),$(v))))
 
-.PHONY: help install train run test lint lock clean clean-models
+.PHONY: help install train run test lint lock clean clean-models chaos
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(firstword $(MAKEFILE_LIST)) \
@@ -63,6 +63,12 @@ run: $(STAMP) $(if $(MODEL_VERSIONS),,train) ## train if no model yet, then serv
 # The fixtures start a private Redis on a free port; nothing else needs to be running.
 test: $(STAMP) ## run the whole test suite
 	OPENBLAS_NUM_THREADS=1 $(BIN)/pytest $(PYTEST_ARGS)
+
+# Chaos run: one real recsys-serve under load while Redis dies and comes back and new (and
+# broken) versions appear; about two minutes. E.g. make chaos CHAOS_ARGS='--phase-seconds 20'
+CHAOS_ARGS ?=
+chaos: $(STAMP) ## chaos run: load while Redis dies/returns and versions appear (CHAOS_ARGS)
+	OPENBLAS_NUM_THREADS=1 $(BIN)/python bench/chaos.py $(CHAOS_ARGS)
 
 lint: $(STAMP) ## ruff and mypy
 	$(BIN)/ruff check .

@@ -36,6 +36,8 @@ class Settings(BaseSettings):
     """Largest k accepted by /v1/recommend."""
     max_item_ids: int = Field(10_000, ge=1)
     """Most item ids accepted in one request (item_ids, exclude_item_ids)."""
+    max_body_bytes: int = Field(4 << 20, ge=1024)
+    """Largest request body accepted (413 beyond); 10,000 ids of 256 characters fit."""
     rerank_depth: int = Field(200, ge=1)
     """How many items retrieval by u·c passes to the head for reranking."""
     item_batch_size: int = Field(8192, ge=1)

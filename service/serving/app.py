@@ -19,7 +19,7 @@ from service.serving.item_cache import ItemMatrixCache, connect
 from service.serving.logs import configure_logging
 from service.serving.manager import ModelManager
 from service.serving.metrics import Metrics
-from service.serving.middleware import ApiKeyGuard, RequestContext
+from service.serving.middleware import ApiKeyGuard, BodyGuard, RequestContext
 from service.serving.routes import api, probes
 from service.settings import Settings
 
@@ -58,16 +58,21 @@ def add_error_handlers(app: FastAPI) -> None:
         return error_response(request, exc.status_code, code, str(exc.detail))
 
 
-async def watch_model_store(manager: ModelManager, interval_s: float) -> None:
-    """Loads the first version now, then looks for newer ones every interval."""
+CACHE_RETRY_S = 5.0
+
+
+async def maintain(manager: ModelManager, poll_interval_s: float) -> None:
+    """Loads the first version now; then, every tick, looks for a newer version (when polling
+    is on; until a first one loads otherwise) and writes what Redis is owed once it is back."""
+    tick = poll_interval_s if poll_interval_s > 0 else CACHE_RETRY_S
     while True:
         try:
-            await asyncio.to_thread(manager.refresh)
-        except Exception:  # a failed refresh must not end the watcher
-            log.exception("model refresh failed")
-        if interval_s <= 0 and manager.current is not None:
-            return
-        await asyncio.sleep(interval_s if interval_s > 0 else 1.0)
+            if poll_interval_s > 0 or manager.current is None:
+                await asyncio.to_thread(manager.refresh)
+            await asyncio.to_thread(manager.settle_cache)
+        except Exception:  # one failed round must not end the maintenance loop
+            log.exception("model maintenance failed")
+        await asyncio.sleep(min(tick, 1.0) if manager.current is None else tick)
 
 
 def open_cache(settings: Settings, embedded: EmbeddedRedis | None) -> ItemMatrixCache | None:
@@ -100,7 +105,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.manager = manager
         app.state.dataplane = DataPlane(settings, manager, cache)
         # Loading runs in the background: liveness answers at once, readiness when loaded.
-        watcher = asyncio.create_task(watch_model_store(manager, settings.poll_interval_s))
+        watcher = asyncio.create_task(maintain(manager, settings.poll_interval_s))
         try:
             yield
         finally:
@@ -120,6 +125,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     add_error_handlers(app)
     app.include_router(api)
     app.include_router(probes)
+    app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes, metrics=metrics)
     if settings.api_key is not None:
         app.add_middleware(ApiKeyGuard, api_key=settings.api_key.get_secret_value(),
                            metrics=metrics)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -46,6 +47,9 @@ class ModelManager:
         self.last_error: str | None = None
         self._refused: dict[int, tuple[tuple[tuple[str, int, int], ...], str]] = {}
         self._lock = threading.Lock()
+        # True while the served version's item matrix or user table is not in Redis (Redis was
+        # down when it was prepared): settle_cache() writes them once Redis is back.
+        self.owes_cache = False
 
     @property
     def model_dir(self) -> Path:
@@ -64,9 +68,9 @@ class ModelManager:
             if not candidates and self.current is None:
                 self.last_error = f"no model version under {self.model_dir}"
             for number, path in candidates:
-                version = self._load(number, path, refused)
-                if version is not None:
-                    self._switch(self._prepare(version))
+                serving = self._load(number, path, refused)
+                if serving is not None:
+                    self._switch(serving)
                     break
             if refused and self.current is None:
                 self.last_error = "; ".join(f"version {n}: {r}" for n, r in refused.items())
@@ -74,17 +78,18 @@ class ModelManager:
                                  self.current is not None and self.current.number != served,
                                  refused)
 
-    def _load(self, number: int, path: Path, refused: dict[int, str]) -> ModelVersion | None:
+    def _load(self, number: int, path: Path, refused: dict[int, str]) -> ServingModel | None:
+        """The version loaded, checked and warmed up, or None (refused, with the reason)."""
         signature = directory_signature(path)
         known = self._refused.get(number)
         if known and known[0] == signature:
             refused[number] = known[1]
             return None
         try:
-            return load_version(self.settings.model_name, number, path)
-        except ModelLoadError as exc:
+            return self._prepare(load_version(self.settings.model_name, number, path))
+        except Exception as exc:  # whatever breaks a version must not break the service
             log.error("refusing model %s version %d at %s: %s", self.settings.model_name,
-                      number, path, exc)
+                      number, path, exc, exc_info=not isinstance(exc, ModelLoadError))
             self.metrics.model_refusals.inc()
             self._refused[number] = (signature, str(exc))
             refused[number] = str(exc)
@@ -93,7 +98,7 @@ class ModelManager:
     def _prepare(self, version: ModelVersion) -> ServingModel:
         started = time.monotonic()
         digest = ids_digest(version.items["item_id"].tolist())
-        key = VersionKey(version.name, version.version, version.fingerprint)
+        key = version_key(version)
 
         def compute() -> np.ndarray:
             return compute_item_matrix(version, self.settings.item_batch_size)
@@ -102,8 +107,6 @@ class ModelManager:
             matrix, source = compute(), "computed"
         else:
             matrix, source = self.cache.get_or_compute(key, digest, compute)
-            self._share_users(version, key)
-            self.metrics.redis_up.set(0 if self.cache.degraded else 1)
         if matrix.shape[0] != len(version.items):
             raise ModelLoadError(f"item matrix has {matrix.shape[0]} rows for "
                                  f"{len(version.items)} items")
@@ -113,20 +116,49 @@ class ModelManager:
         log.info("model %s version %d: %d item representations %s in %.2fs", version.name,
                  version.version, len(matrix), "read from redis" if source == "redis"
                  else "computed", elapsed)
-        return ServingModel(version, matrix, source, self.settings.rerank_depth)
+        serving = ServingModel(version, matrix, source, self.settings.rerank_depth)
+        # get_or_compute has written the matrix unless Redis failed on the way.
+        matrix_written = self.cache is None or not self.cache.degraded
+        self.owes_cache = not (self._publish_users(serving) and matrix_written)
+        return serving
 
-    def _share_users(self, version: ModelVersion, key: VersionKey) -> None:
-        """Publishes the user table to Redis (once per version) for other processes and tools."""
+    def settle_cache(self) -> None:
+        """Writes what the served version owes Redis, once Redis answers again."""
+        current = self.current
+        if self.owes_cache and current is not None and self.cache is not None \
+                and self.cache.ping():
+            self.owes_cache = not (self._store_matrix(current) and self._publish_users(current))
+            if not self.owes_cache:
+                log.info("redis is back: item matrix and user table of version %d written",
+                         current.number)
+
+    def _store_matrix(self, serving: ServingModel) -> bool:
+        """Writes the item matrix unless Redis has it (another process may have written it)."""
         assert self.cache is not None
+        key, digest = version_key(serving.version), ids_digest(serving.item_ids.tolist())
+        return self.cache.load(key, digest) is not None or \
+            self.cache.store(key, serving.item_matrix, digest)
+
+    def _publish_users(self, serving: ServingModel) -> bool:
+        """The user table in Redis, once per version, for other processes and tools; False
+        when Redis could not take it."""
+        if self.cache is None:
+            return True
+        key = version_key(serving.version)
         users = VersionedHash(self.cache.client, self.cache, "users")
-        if users.is_complete(key) or self.cache.degraded:
-            return
-        rows = version.users.to_dict("records")
-        users.put_many(key, {str(r["user_id"]): json.dumps(
-            {k: _plain(v) for k, v in r.items()}, allow_nan=False).encode() for r in rows})
+        published = users.is_complete(key) or users.put_many(key, {
+            str(r["user_id"]): json.dumps({k: _plain(v) for k, v in r.items()},
+                                          allow_nan=False).encode()
+            for r in serving.version.users.to_dict("records")})
+        self.metrics.redis_up.set(0 if self.cache.degraded else 1)
+        return published
 
     def _switch(self, serving: ServingModel) -> None:
         previous, self.current = self.current, serving
+        if previous is not None:
+            # Requests still holding the old version finish on it; then its TF objects and
+            # matrix are garbage, and collecting now keeps memory flat across reloads.
+            gc.collect()
         self.last_error = None
         self.metrics.model_loads.inc()
         if previous is not None:
@@ -136,6 +168,10 @@ class ModelManager:
                                        serving.version.fingerprint[:16]).set(1)
         self.metrics.items.set(len(serving.item_ids))
         log.info("serving model %s version %d", serving.name, serving.number)
+
+
+def version_key(version: ModelVersion) -> VersionKey:
+    return VersionKey(version.name, version.version, version.fingerprint)
 
 
 def _plain(value: object) -> object:

@@ -47,17 +47,16 @@ class RequestContext:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except BodyTooLarge:
+            pass  # the 413 is already sent
         except Exception:
             # Here, not in a handler outside this middleware, so the log line and the body
             # still carry the request id. A 5xx is always a bug: say so, leak nothing.
             log.exception("unhandled error")
             self.metrics.errors.labels("internal_error").inc()
             if status_sent is None:
-                await send_with_id({"type": "http.response.start", "status": 500,
-                                    "headers": [(b"content-type", b"application/json")]})
-                await send({"type": "http.response.body", "body": orjson.dumps(
-                    {"error": {"code": "internal_error",
-                               "message": f"internal error; request id {rid}"}})})
+                await send_error(send_with_id, 500, "internal_error",
+                                 f"internal error; request id {rid}")
         finally:
             self._observe(scope, status, time.perf_counter() - started)
             request_id.reset(token)
@@ -101,10 +100,69 @@ class ApiKeyGuard:
             given = dict(scope.get("headers", [])).get(b"x-api-key", b"")
             if not hmac.compare_digest(given, self.expected):
                 self.metrics.errors.labels("unauthorized").inc()
-                await send({"type": "http.response.start", "status": 401,
-                            "headers": [(b"content-type", b"application/json")]})
-                await send({"type": "http.response.body", "body": orjson.dumps(
-                    {"error": {"code": "unauthorized",
-                               "message": "missing or wrong X-API-Key header"}})})
+                await send_error(send, 401, "unauthorized", "missing or wrong X-API-Key header")
                 return
         await self.app(scope, receive, send)
+
+
+class BodyGuard:
+    """Request bodies must be JSON and at most ``max_bytes``: 415 / 413 before any parsing,
+    counting the bytes as they arrive (a client can lie in Content-Length or stream chunks)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, metrics: Metrics) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("method") in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers", []))
+        declared = headers.get(b"content-length")
+        has_body = b"transfer-encoding" in headers or (declared not in (None, b"0"))
+        content_type = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+        if has_body and not is_json(content_type):
+            await self._reject(send, 415, "unsupported_media_type",
+                               "the body must be JSON (Content-Type: application/json)")
+            return
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._reject(send, 413, "payload_too_large",
+                               f"the body is over {self.max_bytes} bytes")
+            return
+        await self.app(scope, self._counting(receive, send), send)
+
+    def _counting(self, receive: Receive, send: Send) -> Receive:
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                await self._reject(send, 413, "payload_too_large",
+                                   f"the body is over {self.max_bytes} bytes")
+                raise BodyTooLarge
+            return message
+
+        return counted
+
+    async def _reject(self, send: Send, status: int, code: str, message: str) -> None:
+        self.metrics.errors.labels(code).inc()
+        await send_error(send, status, code, message)
+
+
+class BodyTooLarge(Exception):
+    """Raised into the app once a 413 has been sent; RequestContext ends the request quietly."""
+
+
+def is_json(content_type: bytes) -> bool:
+    return content_type == b"application/json" or content_type.endswith(b"+json")
+
+
+async def send_error(send: Send, status: int, code: str, message: str) -> None:
+    """The contract's error body, sent straight from ASGI middleware."""
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.body",
+                "body": orjson.dumps({"error": {"code": code, "message": message}})})
