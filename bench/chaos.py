@@ -304,16 +304,29 @@ async def timeline(run: Run, phase_s: float, model_dir: Path, redis_box: list[Em
         print(f"  t={event.t:5.1f}s  {name}", flush=True)
         return event
 
+    async def redis_up_metric() -> str | None:
+        """The service's own recsys_redis_up gauge, as /metrics says it now."""
+        try:
+            text = (await reload_client.get("/metrics")).text
+        except httpx.HTTPError as exc:
+            return f"{type(exc).__name__}"
+        return next((line.split()[-1] for line in text.splitlines()
+                     if line.startswith("recsys_redis_up ")), None)
+
     await at(phase_s)
     event = begin("kill redis")
     event.detail["pid"] = kill_redis(redis_box[0])
     event.done_t = run.now()
+    await at(1.5 * phase_s)
+    event.detail["recsys_redis_up_mid_phase"] = await redis_up_metric()
 
     await at(2 * phase_s)
     event = begin("restart redis")
     redis_box[0] = await asyncio.to_thread(EmbeddedRedis(port=redis_port).start)
     event.detail["port"] = redis_port
     event.done_t = run.now()
+    await at(2.5 * phase_s)
+    event.detail["recsys_redis_up_mid_phase"] = await redis_up_metric()
 
     await at(3 * phase_s)
     # What the service has re-written to the new Redis one phase after it came back.
@@ -430,6 +443,12 @@ def summarize(run: Run, phase_s: float, exit_code: int | None, stop_s: float,
         label = f"{p.status} {p.body_status}" if p.status is not None else f"error {p.error}"
         readiness[label] = readiness.get(label, 0) + 1
     bad_probes = [asdict(p) for p in run.probes if p.status != 200][:10]
+    transitions: list[list[Any]] = []
+    for p in run.probes:
+        label = (f"{p.body_status} (v{p.version})" if p.status == 200
+                 else f"{p.status} {p.body_status or p.error}")
+        if not transitions or transitions[-1][1] != label:
+            transitions.append([round(p.t, 1), label])
     errors: dict[str, int] = {}
     for s in samples:
         if s.failed:
@@ -462,6 +481,7 @@ def summarize(run: Run, phase_s: float, exit_code: int | None, stop_s: float,
         "new_version_pickup_s": pickup,
         "readiness": readiness,
         "readiness_non_200": bad_probes,
+        "readiness_timeline": transitions,
         "redis": {
             "served_at_restart": served_at_restart,
             "served_at_end": served_at_end,
@@ -529,6 +549,11 @@ def print_table(summary: dict[str, Any]) -> None:
               f"in {broken['detail'].get('reload_seconds')}s: "
               f"{broken['detail'].get('reload_body', '')[:200]}")
     print("readiness seen: " + ", ".join(f"{k} x{v}" for k, v in summary["readiness"].items()))
+    print("readiness over time: " + ", ".join(f"{t}s {label}"
+                                              for t, label in summary["readiness_timeline"]))
+    print("recsys_redis_up half a phase after: " + ", ".join(
+        f"{e['event']} = {fmt(e['detail'].get('recsys_redis_up_mid_phase'))}"
+        for e in summary["events"] if "recsys_redis_up_mid_phase" in e["detail"]))
     r = summary["redis"]
     print(f"redis after restart: served version at restart {fmt(r['served_at_restart'])}; "
           f"entries one phase later {r['entries'].get('before new version')}; "

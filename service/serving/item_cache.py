@@ -278,6 +278,11 @@ class ItemMatrixCache:
 
     # ---- load -------------------------------------------------------------------------------
 
+    def contains(self, version: VersionKey) -> bool:
+        """Whether a version's entry is there (its manifest exists), without reading it."""
+        return self._guarded("contains", version, lambda: bool(
+            self.client.exists(self.key(version, "items", "manifest"))), False)
+
     def load(self, version: VersionKey, ids_digest: str) -> np.ndarray | None:
         """The stored matrix (read-only '<f4' [count, dim]) or None when missing, corrupt or
         unreachable. Two round trips: the manifest, then manifest + chunks in one MULTI."""

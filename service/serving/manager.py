@@ -47,9 +47,7 @@ class ModelManager:
         self.last_error: str | None = None
         self._refused: dict[int, tuple[tuple[tuple[str, int, int], ...], str]] = {}
         self._lock = threading.Lock()
-        # True while the served version's item matrix or user table is not in Redis (Redis was
-        # down when it was prepared): settle_cache() writes them once Redis is back.
-        self.owes_cache = False
+        self._redis_reachable = True
 
     @property
     def model_dir(self) -> Path:
@@ -117,41 +115,45 @@ class ModelManager:
                  version.version, len(matrix), "read from redis" if source == "redis"
                  else "computed", elapsed)
         serving = ServingModel(version, matrix, source, self.settings.rerank_depth)
-        # get_or_compute has written the matrix unless Redis failed on the way.
-        matrix_written = self.cache is None or not self.cache.degraded
-        self.owes_cache = not (self._publish_users(serving) and matrix_written)
+        if self.cache is not None:
+            self._publish_users(serving)
         return serving
 
     def settle_cache(self) -> None:
-        """Writes what the served version owes Redis, once Redis answers again."""
-        current = self.current
-        if self.owes_cache and current is not None and self.cache is not None \
-                and self.cache.ping():
-            self.owes_cache = not (self._store_matrix(current) and self._publish_users(current))
-            if not self.owes_cache:
-                log.info("redis is back: item matrix and user table of version %d written",
-                         current.number)
-
-    def _store_matrix(self, serving: ServingModel) -> bool:
-        """Writes the item matrix unless Redis has it (another process may have written it)."""
-        assert self.cache is not None
-        key, digest = version_key(serving.version), ids_digest(serving.item_ids.tolist())
-        return self.cache.load(key, digest) is not None or \
-            self.cache.store(key, serving.item_matrix, digest)
-
-    def _publish_users(self, serving: ServingModel) -> bool:
-        """The user table in Redis, once per version, for other processes and tools; False
-        when Redis could not take it."""
+        """Checks Redis (each maintenance tick): logs and exports whether it answers, and puts
+        back the served version's entries when they are missing — Redis was down when the
+        version was prepared, or came back empty after a restart, flush or failover."""
         if self.cache is None:
-            return True
+            return
+        reachable = self.cache.ping()
+        self.metrics.redis_up.set(1 if reachable else 0)
+        if reachable != self._redis_reachable:
+            log.log(logging.INFO if reachable else logging.WARNING, "redis %s",
+                    "answers again" if reachable else f"unreachable: {self.cache.last_error}")
+            self._redis_reachable = reachable
+        current = self.current
+        if reachable and current is not None:
+            self._store_matrix(current)
+            self._publish_users(current)
+
+    def _store_matrix(self, serving: ServingModel) -> None:
+        assert self.cache is not None
+        key = version_key(serving.version)
+        missing = not self.cache.contains(key) and not self.cache.degraded
+        if missing and self.cache.store(key, serving.item_matrix,
+                                        ids_digest(serving.item_ids.tolist())):
+            log.info("item matrix of version %d written to redis", serving.number)
+
+    def _publish_users(self, serving: ServingModel) -> None:
+        """The user table in Redis, once per version, for other processes and tools."""
+        assert self.cache is not None
         key = version_key(serving.version)
         users = VersionedHash(self.cache.client, self.cache, "users")
-        published = users.is_complete(key) or users.put_many(key, {
-            str(r["user_id"]): json.dumps({k: _plain(v) for k, v in r.items()},
-                                          allow_nan=False).encode()
+        if users.is_complete(key) or self.cache.degraded:
+            return
+        users.put_many(key, {str(r["user_id"]): json.dumps(
+            {k: _plain(v) for k, v in r.items()}, allow_nan=False).encode()
             for r in serving.version.users.to_dict("records")})
-        self.metrics.redis_up.set(0 if self.cache.degraded else 1)
-        return published
 
     def _switch(self, serving: ServingModel) -> None:
         previous, self.current = self.current, serving
