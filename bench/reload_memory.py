@@ -19,12 +19,12 @@ from pathlib import Path
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import psutil  # noqa: E402
-from fastapi.testclient import TestClient  # noqa: E402
+import psutil
+from fastapi.testclient import TestClient
 
-from service.redis_server import EmbeddedRedis  # noqa: E402
-from service.serving.app import create_app  # noqa: E402
-from service.settings import Settings  # noqa: E402
+from service.redis_server import EmbeddedRedis
+from service.serving.app import create_app
+from service.settings import Settings
 
 
 def add_version(source: Path, model_dir: Path, number: int) -> None:
