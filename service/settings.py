@@ -40,6 +40,11 @@ class Settings(BaseSettings):
     """Largest request body accepted (413 beyond); 10,000 ids of 256 characters fit."""
     rerank_depth: int = Field(200, ge=1)
     """How many items retrieval by u·c passes to the head for reranking."""
+    batch_max_size: int = Field(32, ge=1)
+    """Most concurrent requests computed together (one matrix product); 1 turns batching off."""
+    batch_timeout_us: int = Field(0, ge=0)
+    """How long the batch worker waits for more requests once it has one (0: it takes what is
+    queued when it becomes free, so a lone request never waits)."""
     item_batch_size: int = Field(8192, ge=1)
     """Items per item-tower call when computing the item matrix."""
 

@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from service.redis_server import EmbeddedRedis, RedisServerError
+from service.serving.batching import Runner
 from service.serving.dataplane import DataPlane
 from service.serving.errors import ServiceError
 from service.serving.item_cache import ItemMatrixCache, connect
@@ -102,8 +103,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         embedded = None if settings.redis_url else await asyncio.to_thread(start_embedded_redis)
         cache = open_cache(settings, embedded)
         manager = ModelManager(settings, cache, metrics)
+        runner = Runner(settings.batch_max_size, settings.batch_timeout_us / 1e6)
+        runner.batch_sizes = metrics.batch_size.observe
+        runner.start()
         app.state.manager = manager
-        app.state.dataplane = DataPlane(settings, manager, cache)
+        app.state.dataplane = DataPlane(settings, manager, cache, runner)
         # Loading runs in the background: liveness answers at once, readiness when loaded.
         watcher = asyncio.create_task(maintain(manager, settings.poll_interval_s))
         try:
@@ -112,6 +116,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
+            runner.stop()
             if cache is not None:
                 cache.client.close()
             if embedded is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from service.serving.batching import Runner
 from service.serving.errors import LimitExceeded, NotReady, VersionRefused
 from service.serving.item_cache import ItemMatrixCache
 from service.serving.manager import ModelManager
@@ -17,16 +18,17 @@ from service.serving.schemas import (
     ScoreRequest,
     ScoreResponse,
 )
-from service.serving.servable import ServingModel
+from service.serving.servable import RecommendCall, ScoreCall, ServingModel
 from service.settings import Settings
 
 
 class DataPlane:
     def __init__(self, settings: Settings, manager: ModelManager,
-                 cache: ItemMatrixCache | None) -> None:
+                 cache: ItemMatrixCache | None, runner: Runner) -> None:
         self.settings = settings
         self.manager = manager
         self.cache = cache
+        self.runner = runner
 
     def model(self) -> ServingModel:
         """The version this request runs on, start to end (later swaps do not affect it)."""
@@ -41,16 +43,18 @@ class DataPlane:
             raise LimitExceeded(f"{name} has {count} ids; the maximum is "
                                 f"{self.settings.max_item_ids} (RECSYS_MAX_ITEM_IDS)")
 
-    def score(self, request: ScoreRequest) -> ScoreResponse:
+    async def score(self, request: ScoreRequest) -> ScoreResponse:
         self.check_count("item_ids", len(request.item_ids))
         model = self.model()
         query = model.query(request.user.id, request.user.features)
-        scores, unknown = model.score(query, request.item_ids)
+        known, rows, unknown = model.lookup(request.item_ids)
+        scores = await self.runner.score(model, ScoreCall(query, rows)) if rows else []
         return ScoreResponse(model=ref(model),
-                             scores=[ScoredItem(item_id=i, score=s) for i, s in scores],
+                             scores=[ScoredItem(item_id=i, score=s)
+                                     for i, s in zip(known, scores, strict=True)],
                              unknown_item_ids=unknown)
 
-    def recommend(self, request: RecommendRequest) -> RecommendResponse:
+    async def recommend(self, request: RecommendRequest) -> RecommendResponse:
         if request.k > self.settings.max_k:
             raise LimitExceeded(f"k={request.k} is above the maximum of {self.settings.max_k} "
                                 "(RECSYS_MAX_K)")
@@ -58,8 +62,9 @@ class DataPlane:
         self.check_count("filters", sum(len(v) for v in request.filters.values()))
         model = self.model()
         query = model.query(request.user.id, request.user.features)
-        items = model.recommend(query, request.k, request.exclude_item_ids,
-                                request.exclude_seen, request.filters)
+        allowed = model.allowed(query, request.exclude_item_ids, request.exclude_seen,
+                                request.filters)
+        items = await self.runner.recommend(model, RecommendCall(query, request.k, allowed))
         return RecommendResponse(model=ref(model),
                                  items=[ScoredItem(item_id=i, score=s) for i, s in items])
 

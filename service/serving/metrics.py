@@ -36,5 +36,8 @@ class Metrics:
         self.model_refusals = Counter("recsys_model_refusals",
                                       "Model versions refused as broken or incomplete",
                                       registry=r)
+        self.batch_size = Histogram(
+            "recsys_batch_size", "Requests computed together by the batch worker",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
         self.redis_up = Gauge("recsys_redis_up", "1 when the last Redis operation succeeded",
                               registry=r)

@@ -33,14 +33,15 @@ api = APIRouter(prefix="/v1", responses=ERRORS)
 probes = APIRouter()
 
 
+# Async: validation runs on the event loop, model work in the runner's thread (never here).
 @api.post("/score", response_model=ScoreResponse)
-def score(body: ScoreRequest, plane: Plane) -> ScoreResponse:
-    return plane.score(body)
+async def score(body: ScoreRequest, plane: Plane) -> ScoreResponse:
+    return await plane.score(body)
 
 
 @api.post("/recommend", response_model=RecommendResponse)
-def recommend(body: RecommendRequest, plane: Plane) -> RecommendResponse:
-    return plane.recommend(body)
+async def recommend(body: RecommendRequest, plane: Plane) -> RecommendResponse:
+    return await plane.recommend(body)
 
 
 @api.get("/model", response_model=ModelDescription)

@@ -90,6 +90,29 @@ def finite_number(name: str, value: Any) -> float:
     return number
 
 
+Recommendation = list[tuple[str, float]]
+
+
+@dataclass(frozen=True)
+class RecommendCall:
+    """One /v1/recommend, validated: the user, k and the catalog rows it may get."""
+
+    query: UserQuery
+    k: int
+    allowed: NDArray[np.bool_] | None = None  # None: every item
+
+    def depth(self, model: ServingModel) -> int:
+        return max(model.rerank_depth, self.k)
+
+
+@dataclass(frozen=True)
+class ScoreCall:
+    """One /v1/score, validated: the user and the catalog rows to score, in order."""
+
+    query: UserQuery
+    rows: tuple[int, ...]
+
+
 def _missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
@@ -155,17 +178,18 @@ class ServingModel:
                                  item_embedding=tf.constant(items))
         return np.asarray(out[SCORE], dtype=np.float32)
 
-    def score(self, query: UserQuery, item_ids: Sequence[str]
-              ) -> tuple[list[tuple[str, float]], list[str]]:
-        """Scores of the known items in the order asked, and the unknown ids."""
-        rows = [self.item_rows.get(i) for i in item_ids]
-        known = [(i, r) for i, r in zip(item_ids, rows, strict=True) if r is not None]
-        unknown = [i for i, r in zip(item_ids, rows, strict=True) if r is None]
-        if not known:
-            return [], unknown
-        user = self.embed([query])
-        scores = self.head(user, self.item_matrix[[r for _, r in known]][None])[0]
-        return [(i, float(s)) for (i, _), s in zip(known, scores, strict=True)], unknown
+    def lookup(self, item_ids: Sequence[str]) -> tuple[list[str], tuple[int, ...], list[str]]:
+        """The known ids and their catalog rows (in the order asked), and the unknown ids."""
+        found = [(i, self.item_rows.get(i)) for i in item_ids]
+        known = [(i, r) for i, r in found if r is not None]
+        return ([i for i, _ in known], tuple(r for _, r in known),
+                [i for i, r in found if r is None])
+
+    def score_many(self, calls: Sequence[ScoreCall]) -> list[list[float]]:
+        """Head scores per call: one user-tower call for all of them."""
+        users = self.embed([c.query for c in calls])
+        return [self.head(users[i:i + 1], self.item_matrix[list(c.rows)][None])[0].tolist()
+                if c.rows else [] for i, c in enumerate(calls)]
 
     def allowed(self, query: UserQuery, exclude_ids: Sequence[str], exclude_seen: bool,
                 filters: Mapping[str, Sequence[str]]) -> NDArray[np.bool_] | None:
@@ -187,12 +211,21 @@ class ServingModel:
         mask[rows] = False
         return mask
 
-    def recommend(self, query: UserQuery, k: int, exclude_ids: Sequence[str] = (),
-                  exclude_seen: bool = True, filters: Mapping[str, Sequence[str]] | None = None,
-                  ) -> list[tuple[str, float]]:
-        allowed = self.allowed(query, exclude_ids, exclude_seen, filters or {})
-        user = self.embed([query])
-        indices, scores = rank(user, self.item_matrix, k, self.head, self.spec.retrieval,
-                               self.rerank_depth, None if allowed is None else allowed[None])
-        return [(str(self.item_ids[i]), float(s))
-                for i, s in zip(indices[0], scores[0], strict=True) if i >= 0]
+    def recommend_many(self, calls: Sequence[RecommendCall]) -> list[Recommendation]:
+        """Top-k per call, computed together: one user-tower call, one matrix product, one head
+        call. Every call must share one retrieval depth, so each result is what the call
+        alone would get."""
+        depth = calls[0].depth(self)
+        assert all(c.depth(self) == depth for c in calls), "batch mixes retrieval depths"
+        users = self.embed([c.query for c in calls])
+        allowed = None
+        if any(c.allowed is not None for c in calls):
+            allowed = np.ones((len(calls), len(self.item_ids)), dtype=bool)
+            for row, call in enumerate(calls):
+                if call.allowed is not None:
+                    allowed[row] = call.allowed
+        indices, scores = rank(users, self.item_matrix, max(c.k for c in calls), self.head,
+                               self.spec.retrieval, depth, allowed)
+        return [[(str(self.item_ids[i]), float(s))
+                 for i, s in zip(indices[row, :call.k], scores[row, :call.k], strict=True)
+                 if i >= 0] for row, call in enumerate(calls)]
