@@ -30,7 +30,7 @@ PYTEST_ARGS ?=
 no-digits = $(subst 9,,$(subst 8,,$(subst 7,,$(subst 6,,$(subst 5,,$(subst 4,,$(subst 3,,$(subst 2,,$(subst 1,,$(subst 0,,$(1)))))))))))
 MODEL_VERSIONS := $(foreach v,$(notdir $(patsubst %/saved_model.pb,%,$(wildcard $(MODEL_DIR)/*/saved_model.pb))),$(if $(call no-digits,$(v)),,$(if $(subst 0,,$(v)),$(v))))
 
-.PHONY: help install train run test lint lock clean clean-models chaos
+.PHONY: help install train run test lint lock clean clean-models chaos bench
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(firstword $(MAKEFILE_LIST)) \
@@ -69,6 +69,13 @@ test: $(STAMP) ## run the whole test suite
 CHAOS_ARGS ?=
 chaos: $(STAMP) ## chaos run: load while Redis dies/returns and versions appear (CHAOS_ARGS)
 	OPENBLAS_NUM_THREADS=1 $(BIN)/python bench/chaos.py $(CHAOS_ARGS)
+
+# Serving benchmark: trains/derives the benchmark models under bench/.store/ when missing (a few
+# minutes, once), then a few minutes of scenarios; prints one table. E.g.
+#   make bench BENCH_ARGS='--duration 5 --skip-1m'
+BENCH_ARGS ?=
+bench: $(STAMP) ## serving benchmark: latency/throughput/readiness/memory vs targets (BENCH_ARGS)
+	OPENBLAS_NUM_THREADS=1 $(BIN)/python bench/serving.py $(BENCH_ARGS)
 
 lint: $(STAMP) ## ruff and mypy
 	$(BIN)/ruff check .
