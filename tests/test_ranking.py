@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from service.model_format import RETRIEVAL_DOT, RETRIEVAL_EXHAUSTIVE
-from service.ranking import rank, top_k_indices
+from service.ranking import PARALLEL_MIN_PRODUCTS, inner_products, rank, top_k_indices
 
 
 def reference(scores: np.ndarray, k: int) -> np.ndarray:
@@ -45,3 +45,10 @@ def test_rank_with_full_depth_is_a_brute_force_ranking(retrieval: str) -> None:
     full = np.where(allowed, head(users, np.broadcast_to(items, (4, 300, 8))), -np.inf)
     assert np.array_equal(indices, reference(full.astype(np.float32), 10))
     assert np.allclose(scores, np.take_along_axis(full, indices, axis=1), atol=1e-5)
+
+
+def test_parallel_inner_products_equal_the_plain_product() -> None:
+    rng = np.random.default_rng(3)
+    users = rng.standard_normal((8, 16)).astype(np.float32)
+    items = rng.standard_normal((PARALLEL_MIN_PRODUCTS // 8 + 123, 16)).astype(np.float32)
+    assert np.allclose(inner_products(users, items), users @ items.T, atol=1e-5)
