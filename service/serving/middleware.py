@@ -10,6 +10,7 @@ import uuid
 from typing import Any
 
 import orjson
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.serving.logs import request_id
@@ -47,8 +48,6 @@ class RequestContext:
 
         try:
             await self.app(scope, receive, send_with_id)
-        except BodyTooLarge:
-            pass  # the 413 is already sent
         except Exception:
             # Here, not in a handler outside this middleware, so the log line and the body
             # still carry the request id. A 5xx is always a bug: say so, leak nothing.
@@ -130,9 +129,9 @@ class BodyGuard:
             await self._reject(send, 413, "payload_too_large",
                                f"the body is over {self.max_bytes} bytes")
             return
-        await self.app(scope, self._counting(receive, send), send)
+        await self.app(scope, self._counting(receive), send)
 
-    def _counting(self, receive: Receive, send: Send) -> Receive:
+    def _counting(self, receive: Receive) -> Receive:
         seen = 0
 
         async def counted() -> Message:
@@ -140,9 +139,9 @@ class BodyGuard:
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > self.max_bytes:
-                await self._reject(send, 413, "payload_too_large",
-                                   f"the body is over {self.max_bytes} bytes")
-                raise BodyTooLarge
+                # Raised into the body read: FastAPI passes HTTPExceptions through, and the
+                # app's handler answers once, in the contract's error shape.
+                raise HTTPException(413, f"the body is over {self.max_bytes} bytes")
             return message
 
         return counted
@@ -150,10 +149,6 @@ class BodyGuard:
     async def _reject(self, send: Send, status: int, code: str, message: str) -> None:
         self.metrics.errors.labels(code).inc()
         await send_error(send, status, code, message)
-
-
-class BodyTooLarge(Exception):
-    """Raised into the app once a 413 has been sent; RequestContext ends the request quietly."""
 
 
 def is_json(content_type: bytes) -> bool:

@@ -155,9 +155,6 @@ class Traffic:
         with self._lock:
             return list(self.outcomes)
 
-    def failures(self) -> list[Outcome]:
-        return [o for o in self.snapshot() if o.status != 200]
-
     def wait_count(self, worker: str, count: int, timeout_s: float = 30.0) -> None:
         wait_for(lambda: sum(o.worker == worker for o in self.snapshot()) >= count,
                  timeout_s, f"{count} answers for {worker}")

@@ -90,12 +90,15 @@ def traffic_calls(client: TestClient) -> dict[str, Any]:
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("poll_interval_s", [0.5, 0.0], ids=["polling", "no_polling"])
 def test_redis_down_at_start_serves_degraded_then_writes_what_it_owes(
-        model_store: Path, restarted: list[EmbeddedRedis]) -> None:
+        model_store: Path, restarted: list[EmbeddedRedis], poll_interval_s: float) -> None:
     port = free_port()  # nothing listens there: Redis is down
     prefix = unique_prefix("down")
     settings = make_settings(model_store, f"redis://127.0.0.1:{port}/0", redis_prefix=prefix,
-                             poll_interval_s=0.5)
+                             poll_interval_s=poll_interval_s)
+    # The maintenance tick: the poll interval, or every 5 s with polling off.
+    catch_up_s = 10.0 if poll_interval_s else 5.0 + 10.0
     with started_client(settings) as client:
         ready = wait_ready(client)
         assert ready["status"] == "degraded", ready
@@ -106,10 +109,11 @@ def test_redis_down_at_start_serves_degraded_then_writes_what_it_owes(
         base = version_tag(prefix, served_fingerprint(client))
 
         back = restart_on(port, restarted)
-        wait_for(lambda: owed_entries_written(back, base), 10,
+        wait_for(lambda: owed_entries_written(back, base), catch_up_s,
                  "the item matrix and user table written once Redis is back")
         assert back.hlen(f"{base}:users") == USERS
-        wait_for(lambda: readiness(client)["status"] == "ready", 10, "readiness back to ready")
+        wait_for(lambda: readiness(client)["status"] == "ready", catch_up_s,
+                 "readiness back to ready")
         assert readiness(client)["checks"]["redis"] == {"ok": True}
 
     # What it wrote is a whole, valid entry: the next process reads it instead of computing.
