@@ -9,7 +9,9 @@ request bodies are encoded before the clock starts, and the client uses raw asyn
 
 Prints one JSON object on stdout: count, errors (non-200 statuses and exceptions, by kind),
 throughput, latency percentiles (ms) of the requests sent inside the measured window (after
---warmup), and a check of a sample of responses (JSON-parsed, the expected keys present).
+--warmup), a check of a sample of responses (JSON-parsed, the expected keys present) and where
+the machine's CPU went during the window (in cores: the processes of --watch-pid, this client,
+everything else), so that a shared machine's noise is visible beside the figures.
 Only 127.0.0.1 is reached; every loop is bounded by a request cap and a deadline.
 """
 
@@ -170,6 +172,49 @@ async def connection(index: int, port: int, kind: str, requests: list[bytes], st
                 await writer.wait_closed()
 
 
+class CpuWindow:
+    """CPU seconds spent during the measured window: watched processes (and their children),
+    this process, and the whole machine (busy, not idle or iowait)."""
+
+    def __init__(self, pids: list[int]) -> None:
+        self.pids = pids
+        self.start: tuple[float, float, float] | None = None
+        self.end: tuple[float, float, float] | None = None
+
+    def _read(self) -> tuple[float, float, float]:
+        watched = 0.0
+        try:
+            import psutil
+        except ImportError:
+            return math.nan, time.process_time(), math.nan
+        for pid in self.pids:
+            with contextlib.suppress(psutil.Error):
+                root = psutil.Process(pid)
+                for proc in [root, *root.children(recursive=True)]:
+                    with contextlib.suppress(psutil.Error):
+                        times = proc.cpu_times()
+                        watched += times.user + times.system
+        machine = psutil.cpu_times()
+        busy = sum(machine) - machine.idle - getattr(machine, "iowait", 0.0)
+        return watched, time.process_time(), busy
+
+    async def mark(self, at: float, start: bool) -> None:
+        await asyncio.sleep(max(0.0, at - time.perf_counter()))
+        if start:
+            self.start = self._read()
+        else:
+            self.end = self._read()
+
+    def cores(self, seconds: float) -> dict[str, float | None]:
+        if self.start is None or self.end is None:
+            return {}
+        server, client, busy = (round((b - a) / seconds, 2)
+                                for a, b in zip(self.start, self.end, strict=True))
+        other = round(max(0.0, busy - client - server), 2) if self.pids else None
+        return {"server": server if self.pids else None, "client": client,
+                "machine_busy": busy, "other": other}
+
+
 def percentile(ordered: list[float], q: float) -> float | None:
     if not ordered:
         return None
@@ -185,6 +230,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     now = time.perf_counter()
     measure_from = now + args.warmup
     stop_at = measure_from + args.duration
+    cpu = CpuWindow(args.watch_pid)
+    marks = [asyncio.create_task(cpu.mark(measure_from, True)),
+             asyncio.create_task(cpu.mark(stop_at, False))]
     tasks = [asyncio.create_task(connection(i, args.port, args.kind, requests, stats,
                                             measure_from, stop_at))
              for i in range(args.concurrency)]
@@ -195,6 +243,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         stats.error("timeout")
     if pending:
         await asyncio.wait(pending, timeout=5)
+    await asyncio.wait(marks, timeout=5)
     for task in done:
         exc = task.exception()
         if exc is not None:
@@ -218,6 +267,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "results_per_response": {"min": min(per_response, default=None),
                                  "max": max(per_response, default=None)},
         "sample": stats.sample,
+        "cpu_cores": cpu.cores(args.duration),
     }
 
 
@@ -235,6 +285,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--request-timeout", type=float, default=30.0,
                         help="grace after the window for outstanding requests")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--watch-pid", type=int, action="append", default=[],
+                        help="a server process whose CPU (with its children's) to report")
     args = parser.parse_args(argv)
     if not (1 <= args.concurrency <= 1024 and 0 < args.duration <= 3600
             and 0 <= args.warmup <= 600):
