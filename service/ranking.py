@@ -75,9 +75,9 @@ def sampled_thresholds(scores: NDArray[np.float32], k: int) -> NDArray[np.float3
     return np.partition(sample, width - rank_in_sample, axis=1)[:, width - rank_in_sample]
 
 
-# Above this many user-item products, the matrix product is split across the cores: a single
-# query against a 1M-item catalog is memory-bound, and two cores read twice as fast.
-PARALLEL_MIN_PRODUCTS = 4_000_000
+# From this catalog size on, the matrix product is split across the cores: a query against
+# 1M items reads 256 MB (memory-bound), and two cores read nearly twice as fast.
+PARALLEL_MIN_ITEMS = 500_000
 
 
 @functools.cache
@@ -91,7 +91,7 @@ def inner_products(users: NDArray[np.float32], items: NDArray[np.float32]
     """users @ items.T; large ones in row blocks of the catalog on parallel threads (BLAS
     releases the GIL; each call stays single-threaded under OPENBLAS_NUM_THREADS=1)."""
     workers = os.cpu_count() or 1
-    if workers == 1 or users.shape[0] * items.shape[0] < PARALLEL_MIN_PRODUCTS:
+    if workers == 1 or items.shape[0] < PARALLEL_MIN_ITEMS:
         return users @ items.T
     bounds = np.linspace(0, items.shape[0], workers + 1).astype(int)
     parts = _pool().map(lambda b: users @ items[b[0]:b[1]].T, itertools.pairwise(bounds))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from service.model_format import RETRIEVAL_DOT, RETRIEVAL_EXHAUSTIVE
-from service.ranking import PARALLEL_MIN_PRODUCTS, inner_products, rank, top_k_indices
+from service.ranking import PARALLEL_MIN_ITEMS, inner_products, rank, top_k_indices
 
 
 def reference(scores: np.ndarray, k: int) -> np.ndarray:
@@ -50,5 +50,5 @@ def test_rank_with_full_depth_is_a_brute_force_ranking(retrieval: str) -> None:
 def test_parallel_inner_products_equal_the_plain_product() -> None:
     rng = np.random.default_rng(3)
     users = rng.standard_normal((8, 16)).astype(np.float32)
-    items = rng.standard_normal((PARALLEL_MIN_PRODUCTS // 8 + 123, 16)).astype(np.float32)
+    items = rng.standard_normal((PARALLEL_MIN_ITEMS + 123, 16)).astype(np.float32)
     assert np.allclose(inner_products(users, items), users @ items.T, atol=1e-5)

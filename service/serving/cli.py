@@ -1,20 +1,37 @@
-"""`recsys-serve`: runs the HTTP service with uvicorn."""
+"""`recsys-serve`: runs the HTTP service with uvicorn.
+
+With ``--workers N`` (N > 1) it starts N server processes that each bind the port with
+SO_REUSEPORT, so the kernel spreads connections evenly over them (uvicorn's own workers share
+one listening socket, and a burst of connections piles onto one of them), and supervises them:
+a worker that dies is restarted, SIGTERM/SIGINT are passed on and drained.
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
+import socket
+import subprocess
 import sys
+import time
 from collections.abc import Sequence
+
+log = logging.getLogger("service.serving.cli")
+
+APP = "service.serving.app:app_from_environment"
+DRAIN_TIMEOUT_S = 30
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="recsys-serve", description=__doc__)
+    parser = argparse.ArgumentParser(prog="recsys-serve", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--workers", type=int, default=1,
-                        help="worker processes (they share one Redis and one item matrix)")
+                        help="server processes (they share one Redis and one item matrix)")
+    parser.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     return parser
 
 
@@ -24,26 +41,87 @@ def main(argv: Sequence[str] | None = None) -> int:
     # before numpy is imported, and worker processes inherit it.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if args.workers > 1:
+        return supervise(args.host, args.port, args.workers)
+    return serve(args.host, args.port, args.reuse_port)
+
+
+def serve(host: str, port: int, reuse_port: bool) -> int:
+    """One server process. Exits 0 after a graceful stop (SIGTERM drains in-flight requests)."""
     import uvicorn
 
+    config = uvicorn.Config(APP, factory=True, host=host, port=port, access_log=False,
+                            timeout_graceful_shutdown=DRAIN_TIMEOUT_S)
+    # uvicorn drains on SIGTERM, then re-raises the signal; exiting through this handler
+    # instead makes a graceful stop exit 0, as orchestrators expect.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    uvicorn.Server(config).run(sockets=[shared_socket(host, port)] if reuse_port else None)
+    return 0
+
+
+def shared_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    return sock
+
+
+def supervise(host: str, port: int, workers: int) -> int:
+    """Starts the workers, restarts any that dies, passes stop signals on and waits."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     from service.redis_server import EmbeddedRedis
 
     embedded = None
-    if args.workers > 1 and not os.environ.get("RECSYS_REDIS_URL"):
-        # Several workers must share one cache: start the private Redis here, not per worker.
+    if not os.environ.get("RECSYS_REDIS_URL"):
+        # The workers must share one cache: one private Redis for all of them.
         embedded = EmbeddedRedis().start()
         os.environ["RECSYS_REDIS_URL"] = embedded.url
-    # uvicorn drains in-flight requests on SIGTERM, then re-raises the signal; exiting through
-    # this handler instead makes a graceful stop exit 0, as orchestrators expect.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    command = [sys.executable, "-m", "service.serving.cli", "--host", host, "--port",
+               str(port), "--reuse-port"]
+    stopping = False
+    children: list[subprocess.Popen[bytes]] = []
+
+    def stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    children.extend(subprocess.Popen(command) for _ in range(workers))
+    log.info("started %d workers on %s:%d: %s", workers, host, port,
+             [c.pid for c in children])
     try:
-        uvicorn.run("service.serving.app:app_from_environment", factory=True, host=args.host,
-                    port=args.port, workers=args.workers, access_log=False,
-                    timeout_graceful_shutdown=30)
+        while not stopping:
+            for n, child in enumerate(children):
+                if child.poll() is not None and not stopping:
+                    log.error("worker %d exited with %s; restarting it", child.pid,
+                              child.returncode)
+                    children[n] = subprocess.Popen(command)
+            time.sleep(0.2)
+        return wait_all(children)
     finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
         if embedded is not None:
             embedded.stop()
-    return 0
+
+
+def wait_all(children: list[subprocess.Popen[bytes]]) -> int:
+    deadline = time.monotonic() + DRAIN_TIMEOUT_S + 5
+    codes = []
+    for child in children:
+        try:
+            codes.append(child.wait(timeout=max(0.0, deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            child.kill()
+            codes.append(child.wait())
+    return 0 if all(code == 0 for code in codes) else 1
 
 
 if __name__ == "__main__":

@@ -149,14 +149,25 @@ class Manifest:
         if missing:
             raise CorruptEntry(f"{len(missing)} of {self.chunks} chunks missing "
                                f"(first: {missing[0]})")
-        data = b"".join(c for c in chunks if c is not None)
-        if len(data) != self.nbytes:
-            raise CorruptEntry(f"{len(data)} bytes, manifest says {self.count}x{self.dim}x4 = "
+        size = sum(len(c) for c in chunks if c is not None)
+        if size != self.nbytes:
+            raise CorruptEntry(f"{size} bytes, manifest says {self.count}x{self.dim}x4 = "
                                f"{self.nbytes}")
-        if _checksum(data) != self.checksum:
+        # Each chunk is copied into place and dropped at once, so the peak is about one
+        # matrix, not two (a 1M x 64 matrix is 256 MB).
+        data = np.empty(self.nbytes, dtype=np.uint8)
+        digest, offset = hashlib.sha256(), 0
+        for index, chunk in enumerate(chunks):
+            assert chunk is not None
+            data[offset:offset + len(chunk)] = np.frombuffer(chunk, dtype=np.uint8)
+            digest.update(chunk)
+            offset += len(chunk)
+            chunks[index] = None
+        if CHECKSUM_PREFIX + digest.hexdigest() != self.checksum:
             raise CorruptEntry("checksum mismatch")
-        # frombuffer over immutable bytes: read-only, C-contiguous, no copy.
-        return np.frombuffer(data, dtype=DTYPE).reshape(self.count, self.dim)
+        matrix = data.view(DTYPE).reshape(self.count, self.dim)
+        matrix.flags.writeable = False
+        return matrix
 
 
 def _field(doc: dict[str, Any], name: str, kind: type[T]) -> T:
@@ -355,7 +366,10 @@ class ItemMatrixCache:
         pipe.delete(chunks_key)
         for index, start in enumerate(range(0, len(data), chunk_bytes)):
             # One HSET per chunk keeps every command small (Redis limits one request's size).
-            pipe.hset(chunks_key, str(index), data[start:start + chunk_bytes].tobytes())
+            # memoryview slices: redis-py's encoder sends them as they are (its type hints
+            # omit memoryview), so the matrix is never copied.
+            pipe.hset(chunks_key, str(index),
+                      data[start:start + chunk_bytes])  # type: ignore[call-overload]
         if self.ttl_s is not None and len(data):
             pipe.expire(chunks_key, self.ttl_s)
         manifest = {"format": FORMAT_VERSION, "count": matrix.shape[0], "dim": matrix.shape[1],

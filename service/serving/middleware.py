@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import itertools
 import logging
 import re
 import time
@@ -27,12 +28,15 @@ class RequestContext:
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
         self.metrics = metrics
+        # Unique per process start, without a uuid4 (an os.urandom call) on every request.
+        prefix = uuid.uuid4().hex[:12]
+        self.ids = (f"{prefix}-{n}" for n in itertools.count(1))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        rid = incoming_request_id(scope) or uuid.uuid4().hex
+        rid = incoming_request_id(scope) or next(self.ids)
         token = request_id.set(rid)
         started = time.perf_counter()
         status = 500

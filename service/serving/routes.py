@@ -20,7 +20,8 @@ from service.serving.schemas import (
 )
 
 
-def dataplane(request: Request) -> DataPlane:
+async def dataplane(request: Request) -> DataPlane:
+    # async: a plain function would be sent to the thread pool on every request.
     plane: DataPlane = request.app.state.dataplane
     return plane
 
