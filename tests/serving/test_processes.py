@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import redis
 
@@ -93,3 +94,49 @@ def test_two_processes_share_one_item_matrix(servers: list[Server]) -> None:
             raise AssertionError(f"no exit {STOP_TIMEOUT_S}s after SIGTERM; log:\n"
                                  f"{server.log()}") from None
         assert code == 0, f"exit code {code}; log:\n{server.log()}"
+
+
+@pytest.mark.timeout(240)
+def test_workers_share_the_port_and_stop_together(tmp_path: Path, model_store: Path,
+                                                  redis_url: str) -> None:
+    """`recsys-serve --workers 2`: two processes on one port (SO_REUSEPORT), both serving;
+    SIGTERM to the supervisor drains both and exits 0."""
+    import psutil
+
+    store = tmp_path / "store"
+    shutil.copytree(model_store, store)
+    env = {**os.environ, "RECSYS_MODEL_STORE": str(store), "RECSYS_REDIS_URL": redis_url,
+           "RECSYS_REDIS_PREFIX": unique_prefix("workers"), "OPENBLAS_NUM_THREADS": "1"}
+    env.pop("RECSYS_API_KEY", None)
+    port = free_port()
+    log_path = tmp_path / "workers.log"
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen([*serve_command(port), "--workers", "2"], env=env,
+                                   stdout=log_file, stderr=subprocess.STDOUT)
+    server = Server(port, process, log_path)
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        workers: list[psutil.Process] = []
+        while len(workers) < 2 and time.monotonic() < deadline:
+            workers = psutil.Process(process.pid).children()
+            time.sleep(0.1)
+        assert len(workers) == 2, server.log()
+        ready_in_a_row = 0  # each worker loads on its own; new connections reach either
+        while ready_in_a_row < 10 and time.monotonic() < deadline:
+            ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=10).status_code == 200
+            ready_in_a_row = ready_in_a_row + 1 if ready else 0
+            time.sleep(0.05)
+        assert ready_in_a_row == 10, server.log()
+        answers = []
+        for n in range(20):  # new connections each time: the kernel spreads them
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+                answers.append(client.post("/v1/recommend", json={"user": {"id": f"u{n + 1}"},
+                                                                  "k": 5}).status_code)
+        assert answers == [200] * 20
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=STOP_TIMEOUT_S + 10) == 0, server.log()
+        assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
+    finally:
+        server.http.close()
+        if process.poll() is None:
+            process.kill()
