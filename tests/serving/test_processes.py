@@ -123,7 +123,11 @@ def test_workers_share_the_port_and_stop_together(tmp_path: Path, model_store: P
         assert len(workers) == 2, server.log()
         ready_in_a_row = 0  # each worker loads on its own; new connections reach either
         while ready_in_a_row < 10 and time.monotonic() < deadline:
-            ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=10).status_code == 200
+            try:
+                answer = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=10)
+            except httpx.TransportError:  # not listening yet
+                answer = None
+            ready = answer is not None and answer.status_code == 200
             ready_in_a_row = ready_in_a_row + 1 if ready else 0
             time.sleep(0.05)
         assert ready_in_a_row == 10, server.log()
