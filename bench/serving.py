@@ -220,7 +220,9 @@ class RssSampler:
                         if proc.pid not in self.role:
                             cmdline = " ".join(proc.cmdline())
                             self.role[proc.pid] = (
-                                "worker" if "spawn_main" in cmdline else
+                                # uvicorn's own workers, or recsys-serve's SO_REUSEPORT ones
+                                "worker" if "spawn_main" in cmdline
+                                or "--reuse-port" in cmdline else
                                 "tracker" if "resource_tracker" in cmdline else
                                 "main" if proc.pid == self.root.pid else "other")
                         rss = proc.memory_info().rss
