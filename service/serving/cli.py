@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 
@@ -71,6 +72,8 @@ def shared_socket(host: str, port: int) -> socket.socket:
 def supervise(host: str, port: int, workers: int) -> int:
     """Starts the workers, restarts any that dies, passes stop signals on and waits."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    from prometheus_client.multiprocess import mark_process_dead
+
     from service.redis_server import EmbeddedRedis
 
     embedded = None
@@ -78,6 +81,9 @@ def supervise(host: str, port: int, workers: int) -> int:
         # The workers must share one cache: one private Redis for all of them.
         embedded = EmbeddedRedis().start()
         os.environ["RECSYS_REDIS_URL"] = embedded.url
+    # Workers write their metrics here so that any of them can answer for all (metrics.py).
+    metrics_dir = tempfile.TemporaryDirectory(prefix="recsys-metrics-")
+    os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", metrics_dir.name)
     command = [sys.executable, "-m", "service.serving.cli", "--host", host, "--port",
                str(port), "--reuse-port"]
     stopping = False
@@ -101,6 +107,7 @@ def supervise(host: str, port: int, workers: int) -> int:
                 if child.poll() is not None and not stopping:
                     log.error("worker %d exited with %s; restarting it", child.pid,
                               child.returncode)
+                    mark_process_dead(child.pid)
                     children[n] = subprocess.Popen(command)
             time.sleep(0.2)
         return wait_all(children)
@@ -110,6 +117,7 @@ def supervise(host: str, port: int, workers: int) -> int:
                 child.kill()
         if embedded is not None:
             embedded.stop()
+        metrics_dir.cleanup()
 
 
 def wait_all(children: list[subprocess.Popen[bytes]]) -> int:

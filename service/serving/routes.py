@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from service.serving.dataplane import DataPlane
 from service.serving.schemas import (
@@ -69,5 +69,5 @@ def readyz(plane: Plane) -> JSONResponse:
 
 @probes.get("/metrics")
 def metrics(request: Request) -> Response:
-    return Response(generate_latest(request.app.state.metrics.registry),
+    return Response(request.app.state.metrics.exposition(),
                     media_type=CONTENT_TYPE_LATEST)

@@ -17,7 +17,14 @@ import redis
 
 from service.redis_server import free_port
 
-from .helpers import Server, item_matrix_loads, serve_command, unique_prefix, wait_ready
+from .helpers import (
+    Server,
+    item_matrix_loads,
+    metric_samples,
+    serve_command,
+    unique_prefix,
+    wait_ready,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PROCESS_DB = 5  # a database of the private Redis that no other test uses
@@ -137,6 +144,14 @@ def test_workers_share_the_port_and_stop_together(tmp_path: Path, model_store: P
                 answers.append(client.post("/v1/recommend", json={"user": {"id": f"u{n + 1}"},
                                                                   "k": 5}).status_code)
         assert answers == [200] * 20
+        # Any worker answers the scrape for all of them (multiprocess mode).
+        for _ in range(3):
+            text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+            served = sum(value for name, labels, value in
+                         metric_samples(text, "recsys_requests")
+                         if name == "recsys_requests_total"
+                         and labels["route"] == "/v1/recommend")
+            assert served == 20
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=STOP_TIMEOUT_S + 10) == 0, server.log()
         assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
