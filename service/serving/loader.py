@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import tensorflow as tf
 
 from service.data.dataset import ITEM_ID, USER_ID
@@ -85,7 +87,10 @@ def check_signatures(saved_model: Any, spec: ModelSpec) -> None:
 
 def read_tables(path: Path, spec: ModelSpec) -> tuple[pd.DataFrame, pd.DataFrame]:
     try:
-        items = pd.read_parquet(path / ASSETS_DIR / ITEMS_FILE)
+        # List columns (genres, tags) stay in Arrow: one Python list per item would cost
+        # ~200 MB at a million items.
+        items = pq.read_table(path / ASSETS_DIR / ITEMS_FILE).to_pandas(
+            types_mapper=lambda t: pd.ArrowDtype(t) if pa.types.is_list(t) else None)
         users = pd.read_parquet(path / ASSETS_DIR / USERS_FILE)
     except Exception as exc:  # pyarrow raises many kinds for a damaged file
         raise ModelLoadError(f"unreadable asset table: {exc}") from exc
