@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from service.redis_server import free_port
-from tests.serving.helpers import Server, serve_command, unique_prefix, wait_ready
+from tests.serving.helpers import Server, start_server, wait_ready
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 DOCUMENTED_URL = "http://127.0.0.1:8000"
@@ -37,25 +34,14 @@ def test_readme_has_examples_for_every_endpoint() -> None:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, model_store: Path,
            redis_url: str) -> Iterator[Server]:
-    tmp = tmp_path_factory.mktemp("readme")
-    store = tmp / "store"
-    shutil.copytree(model_store, store)
-    env = {**os.environ, "RECSYS_MODEL_STORE": str(store), "RECSYS_REDIS_URL": redis_url,
-           "RECSYS_REDIS_PREFIX": unique_prefix("readme"), "OPENBLAS_NUM_THREADS": "1"}
-    env.pop("RECSYS_API_KEY", None)
-    port = free_port()
-    log_path = tmp / "server.log"
-    with log_path.open("wb") as log_file:
-        process = subprocess.Popen(serve_command(port), env=env, stdout=log_file,
-                                   stderr=subprocess.STDOUT)
-    running = Server(port, process, log_path)
+    running = start_server(tmp_path_factory.mktemp("readme"), model_store, redis_url, "readme")
     try:
         wait_ready(running.http, 120)
         yield running
     finally:
         running.http.close()
-        process.terminate()
-        process.wait(timeout=30)
+        running.process.terminate()
+        running.process.wait(timeout=30)
 
 
 @pytest.mark.parametrize("command", curl_commands())

@@ -7,6 +7,8 @@ never share cache entries unless a test means them to (same prefix, same store).
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
 import subprocess
 import sys
 import time
@@ -19,6 +21,7 @@ import httpx
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from service.redis_server import free_port
 from service.serving.app import create_app
 from service.settings import Settings
 
@@ -124,3 +127,21 @@ def serve_command(port: int) -> list[str]:
     if script.exists():
         return [str(script), "--port", str(port)]
     return [sys.executable, "-m", "service.serving.cli", "--port", str(port)]
+
+
+def start_server(tmp: Path, model_store: Path, redis_url: str, tag: str,
+                 env: dict[str, str] | None = None, args: tuple[str, ...] = ()) -> Server:
+    """A real `recsys-serve` on a free port over a copy of the store, its log in tmp; the
+    caller stops it (Server.process)."""
+    store = tmp / "store"
+    shutil.copytree(model_store, store)
+    environment = {**os.environ, "RECSYS_MODEL_STORE": str(store),
+                   "RECSYS_REDIS_URL": redis_url, "RECSYS_REDIS_PREFIX": unique_prefix(tag),
+                   "OPENBLAS_NUM_THREADS": "1", **(env or {})}
+    environment.pop("RECSYS_API_KEY", None)
+    port = free_port()
+    log_path = tmp / f"{tag}.log"
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen([*serve_command(port), *args], env=environment,
+                                   stdout=log_file, stderr=subprocess.STDOUT)
+    return Server(port, process, log_path)

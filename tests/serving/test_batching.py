@@ -4,9 +4,6 @@ alone, never another user's result."""
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,9 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from service.redis_server import free_port
-
-from .helpers import Server, metric_samples, serve_command, unique_prefix, wait_ready
+from .helpers import Server, metric_samples, start_server, wait_ready
 
 USERS = [f"u{n}" for n in range(1, 97)]
 
@@ -24,26 +19,16 @@ USERS = [f"u{n}" for n in range(1, 97)]
 @pytest.fixture(scope="module")
 def batching_server(tmp_path_factory: pytest.TempPathFactory, model_store: Path,
                     redis_url: str) -> Iterator[Server]:
-    tmp = tmp_path_factory.mktemp("batching")
-    shutil.copytree(model_store, tmp / "store")
-    env = {**os.environ, "RECSYS_MODEL_STORE": str(tmp / "store"), "RECSYS_REDIS_URL": redis_url,
-           "RECSYS_REDIS_PREFIX": unique_prefix("batch"), "OPENBLAS_NUM_THREADS": "1",
-           # A generous wait so that concurrent requests surely share batches.
-           "RECSYS_BATCH_MAX_SIZE": "32", "RECSYS_BATCH_TIMEOUT_US": "20000"}
-    env.pop("RECSYS_API_KEY", None)
-    port = free_port()
-    log_path = tmp / "server.log"
-    with log_path.open("wb") as log_file:
-        process = subprocess.Popen(serve_command(port), env=env, stdout=log_file,
-                                   stderr=subprocess.STDOUT)
-    server = Server(port, process, log_path)
+    # A generous wait so that concurrent requests surely share batches.
+    server = start_server(tmp_path_factory.mktemp("batching"), model_store, redis_url, "batch",
+                          env={"RECSYS_BATCH_MAX_SIZE": "32", "RECSYS_BATCH_TIMEOUT_US": "20000"})
     try:
         wait_ready(server.http, 120)
         yield server
     finally:
         server.http.close()
-        process.terminate()
-        process.wait(timeout=30)
+        server.process.terminate()
+        server.process.wait(timeout=30)
 
 
 def request_for(n: int, user: str) -> tuple[str, dict[str, Any]]:

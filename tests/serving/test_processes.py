@@ -22,6 +22,7 @@ from .helpers import (
     item_matrix_loads,
     metric_samples,
     serve_command,
+    start_server,
     unique_prefix,
     wait_ready,
 )
@@ -110,17 +111,8 @@ def test_workers_share_the_port_and_stop_together(tmp_path: Path, model_store: P
     SIGTERM to the supervisor drains both and exits 0."""
     import psutil
 
-    store = tmp_path / "store"
-    shutil.copytree(model_store, store)
-    env = {**os.environ, "RECSYS_MODEL_STORE": str(store), "RECSYS_REDIS_URL": redis_url,
-           "RECSYS_REDIS_PREFIX": unique_prefix("workers"), "OPENBLAS_NUM_THREADS": "1"}
-    env.pop("RECSYS_API_KEY", None)
-    port = free_port()
-    log_path = tmp_path / "workers.log"
-    with log_path.open("wb") as log_file:
-        process = subprocess.Popen([*serve_command(port), "--workers", "2"], env=env,
-                                   stdout=log_file, stderr=subprocess.STDOUT)
-    server = Server(port, process, log_path)
+    server = start_server(tmp_path, model_store, redis_url, "workers", args=("--workers", "2"))
+    process, port = server.process, server.port
     try:
         deadline = time.monotonic() + READY_TIMEOUT_S
         workers: list[psutil.Process] = []
