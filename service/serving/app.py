@@ -103,8 +103,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         embedded = None if settings.redis_url else await asyncio.to_thread(start_embedded_redis)
         cache = open_cache(settings, embedded)
         manager = ModelManager(settings, cache, metrics)
-        runner = Runner(settings.batch_max_size, settings.batch_timeout_us / 1e6)
-        runner.batch_sizes = metrics.batch_size.observe
+        runner = Runner(settings.batch_max_size, settings.batch_timeout_us / 1e6,
+                        on_batch=metrics.batch_size.observe)
         runner.start()
         app.state.manager = manager
         app.state.dataplane = DataPlane(settings, manager, cache, runner)

@@ -43,12 +43,14 @@ class Job:
 class Runner:
     """Runs model calls: through the batch worker, or (max_size 1) alone on the thread pool."""
 
-    def __init__(self, max_size: int, timeout_s: float) -> None:
+    def __init__(self, max_size: int, timeout_s: float,
+                 on_batch: Callable[[int], None] = lambda _size: None) -> None:
+        """on_batch(size) is called for every batch (the batch-size metric)."""
         self.max_size = max_size
         self.timeout_s = timeout_s
+        self.on_batch = on_batch
         self._queue: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
-        self.batch_sizes: Callable[[int], None] = lambda _size: None
 
     @property
     def batching(self) -> bool:
@@ -86,7 +88,7 @@ class Runner:
             if first is None:
                 return
             batch = [first, *self._stragglers()]
-            self.batch_sizes(len(batch))
+            self.on_batch(len(batch))
             for _, jobs in groupby(sorted(batch, key=lambda j: j.group), key=lambda j: j.group):
                 self._execute(list(jobs))
 

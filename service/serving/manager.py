@@ -26,7 +26,6 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class RefreshResult:
-    version: int | None
     changed: bool
     refused: dict[int, str] = field(default_factory=dict)
 
@@ -72,8 +71,7 @@ class ModelManager:
                     break
             if refused and self.current is None:
                 self.last_error = "; ".join(f"version {n}: {r}" for n, r in refused.items())
-            return RefreshResult(self.current.number if self.current else None,
-                                 self.current is not None and self.current.number != served,
+            return RefreshResult(self.current is not None and self.current.number != served,
                                  refused)
 
     def _load(self, number: int, path: Path, refused: dict[int, str]) -> ServingModel | None:
