@@ -21,6 +21,9 @@ class UserQuery:
     user_id: str = ""
     features: dict[str, Any] = field(default_factory=dict)
     history: tuple[str, ...] = ()
+    # True when this is exactly a stored user (no request overrides): its embedding can be
+    # cached for the version's lifetime.
+    stored: bool = False
 
 
 def padded_strings(rows: Sequence[Sequence[str]], width: int | None = None,

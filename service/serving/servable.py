@@ -1,7 +1,7 @@
 """A model version ready to serve: signatures, the item matrix, and the indexes requests use.
 
-Immutable once built; the manager swaps whole instances, so a request that took a reference
-runs entirely on one version.
+Immutable once built (but for a memo of stored users' embeddings); the manager swaps whole
+instances, so a request that took a reference runs entirely on one version.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ from service.serving.errors import InvalidFeature, UnknownFeature, UnknownFilter
 from service.serving.inputs import UserQuery, as_list, item_inputs, user_inputs
 from service.serving.loader import ModelVersion
 
+# Stored users whose embeddings are kept (64 floats each: 1M users = 256 MB at most).
+USER_CACHE_SIZE = 1_000_000
 # Far beyond any real feature, and safely inside float32 after standardisation.
 MAX_ABS_NUMERIC = 1e30
 
@@ -153,6 +155,7 @@ class ServingModel:
         self.item_index = pd.Index(self.item_ids)
         self.attributes = attribute_index(version)
         self.users = stored_users(version)
+        self.embeddings: dict[str, NDArray[np.float32]] = {}
         # The feature columns were needed for the item matrix and the indexes only; at 1M
         # items their Python objects (genre lists) weigh about 200 MB.
         version.items = version.items[[ITEM_ID]]
@@ -171,8 +174,10 @@ class ServingModel:
         """The user as the tower sees them: stored features and history, request overrides."""
         stored = self.users.get(user_id) if user_id is not None else None
         merged = dict(stored.features) if stored else {}
-        merged.update(self.validated_features(features or {}))
-        return UserQuery(user_id or "", merged, stored.history if stored else ())
+        overrides = self.validated_features(features or {})
+        merged.update(overrides)
+        return UserQuery(user_id or "", merged, stored.history if stored else (),
+                         stored=stored is not None and not overrides)
 
     def validated_features(self, features: Mapping[str, Any]) -> dict[str, Any]:
         spec = self.spec.user_features
@@ -195,8 +200,20 @@ class ServingModel:
         return out
 
     def embed(self, queries: Sequence[UserQuery]) -> NDArray[np.float32]:
-        inputs = user_inputs(self.spec.user_features, self.spec.history_length, queries)
-        return np.asarray(self.version.user_tower(**inputs)[USER_EMBEDDING], dtype=np.float32)
+        """User embeddings; stored users come from a per-version cache after their first
+        request (the user tower is a third of a lone request's time)."""
+        cached = [self.embeddings.get(q.user_id) if q.stored else None for q in queries]
+        missing = [n for n, e in enumerate(cached) if e is None]
+        if missing:
+            inputs = user_inputs(self.spec.user_features, self.spec.history_length,
+                                 [queries[n] for n in missing])
+            computed = np.asarray(self.version.user_tower(**inputs)[USER_EMBEDDING],
+                                  dtype=np.float32)
+            for n, embedding in zip(missing, computed, strict=True):
+                cached[n] = embedding
+                if queries[n].stored and len(self.embeddings) < USER_CACHE_SIZE:
+                    self.embeddings[queries[n].user_id] = embedding.copy()
+        return np.stack([e for e in cached if e is not None])
 
     # -- scoring ----------------------------------------------------------------------------
 
