@@ -39,6 +39,7 @@ from typing import Any
 
 import httpx
 import redis
+from processes import clean_env, executable
 
 from service.redis_server import EmbeddedRedis, free_port
 
@@ -109,19 +110,6 @@ class Run:
 
 
 # ---- processes ----------------------------------------------------------------------------------
-
-def executable(name: str, module: str) -> list[str]:
-    script = Path(sys.executable).with_name(name)
-    return [str(script)] if script.exists() else [sys.executable, "-m", module]
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """The inherited environment without any RECSYS_* (a caller's API key, store, Redis...)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RECSYS_")}
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    env.update(extra)
-    return env
-
 
 def tail(path: Path, chars: int = 3000) -> str:
     try:

@@ -53,6 +53,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `python bench/serving.py` puts bench/, not the root, on the path
     sys.path.insert(0, str(ROOT))
 
+from processes import clean_env, executable  # noqa: E402  (bench/ is on sys.path)
+
 from service.model_format import (  # noqa: E402
     ASSETS_DIR,
     ITEMS_FILE,
@@ -86,20 +88,6 @@ LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) (\w+) (\S+) \[[^
 
 
 # ---- models -------------------------------------------------------------------------------------
-
-def executable(name: str, module: str) -> list[str]:
-    script = Path(sys.executable).with_name(name)
-    return [str(script)] if script.exists() else [sys.executable, "-m", module]
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """The inherited environment without any RECSYS_* setting, plus `extra`."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RECSYS_")}
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    env["OPENBLAS_NUM_THREADS"] = "1"
-    env.update(extra)
-    return env
-
 
 def complete_versions(model_dir: Path) -> list[Path]:
     """Version directories (highest first) with a SavedModel and metadata.json."""
