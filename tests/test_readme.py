@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.serving.helpers import Server, start_server, wait_ready
+from tests.serving.helpers import Server, running_server
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 DOCUMENTED_URL = "http://127.0.0.1:8000"
@@ -34,14 +34,9 @@ def test_readme_has_examples_for_every_endpoint() -> None:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, model_store: Path,
            redis_url: str) -> Iterator[Server]:
-    running = start_server(tmp_path_factory.mktemp("readme"), model_store, redis_url, "readme")
-    try:
-        wait_ready(running.http, 120)
-        yield running
-    finally:
-        running.http.close()
-        running.process.terminate()
-        running.process.wait(timeout=30)
+    with running_server(tmp_path_factory.mktemp("readme"), model_store, redis_url,
+                        "readme") as server:
+        yield server
 
 
 @pytest.mark.parametrize("command", curl_commands())

@@ -12,11 +12,6 @@ class ServiceError(Exception):
         self.message = message
 
 
-class InvalidRequest(ServiceError):
-    status = 422
-    code = "invalid_request"
-
-
 class LimitExceeded(ServiceError):
     status = 422
     code = "limit_exceeded"

@@ -145,3 +145,17 @@ def start_server(tmp: Path, model_store: Path, redis_url: str, tag: str,
         process = subprocess.Popen([*serve_command(port), *args], env=environment,
                                    stdout=log_file, stderr=subprocess.STDOUT)
     return Server(port, process, log_path)
+
+
+@contextlib.contextmanager
+def running_server(tmp: Path, model_store: Path, redis_url: str, tag: str,
+                   env: dict[str, str] | None = None) -> Iterator[Server]:
+    """start_server, ready to serve; terminated (and waited for) afterwards."""
+    server = start_server(tmp, model_store, redis_url, tag, env)
+    try:
+        wait_ready(server.http, 120)
+        yield server
+    finally:
+        server.http.close()
+        server.process.terminate()
+        server.process.wait(timeout=30)

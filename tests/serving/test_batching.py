@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from .helpers import Server, metric_samples, start_server, wait_ready
+from .helpers import Server, metric_samples, running_server
 
 USERS = [f"u{n}" for n in range(1, 97)]
 
@@ -20,15 +20,10 @@ USERS = [f"u{n}" for n in range(1, 97)]
 def batching_server(tmp_path_factory: pytest.TempPathFactory, model_store: Path,
                     redis_url: str) -> Iterator[Server]:
     # A generous wait so that concurrent requests surely share batches.
-    server = start_server(tmp_path_factory.mktemp("batching"), model_store, redis_url, "batch",
-                          env={"RECSYS_BATCH_MAX_SIZE": "32", "RECSYS_BATCH_TIMEOUT_US": "20000"})
-    try:
-        wait_ready(server.http, 120)
+    with running_server(tmp_path_factory.mktemp("batching"), model_store, redis_url, "batch",
+                        env={"RECSYS_BATCH_MAX_SIZE": "32",
+                             "RECSYS_BATCH_TIMEOUT_US": "20000"}) as server:
         yield server
-    finally:
-        server.http.close()
-        server.process.terminate()
-        server.process.wait(timeout=30)
 
 
 def request_for(n: int, user: str) -> tuple[str, dict[str, Any]]:
