@@ -12,6 +12,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -49,8 +50,10 @@ def free_port() -> int:
 class EmbeddedRedis:
     """Starts `redis-server` on a free loopback port; use as a context manager or start()/stop()."""
 
-    def __init__(self, port: int | None = None, startup_timeout_s: float = 10.0) -> None:
+    def __init__(self, port: int | None = None, startup_timeout_s: float = 10.0,
+                 extra_args: Sequence[str] = ()) -> None:
         self.port = port or free_port()
+        self.extra_args = tuple(extra_args)
         self.startup_timeout_s = startup_timeout_s
         self._process: subprocess.Popen[bytes] | None = None
         self._workdir: tempfile.TemporaryDirectory[str] | None = None
@@ -63,7 +66,8 @@ class EmbeddedRedis:
         binary = find_redis_binary()
         self._workdir = tempfile.TemporaryDirectory(prefix="recsys-redis-")
         command = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                   "--appendonly", "no", "--dir", self._workdir.name, "--loglevel", "warning"]
+                   "--appendonly", "no", "--dir", self._workdir.name, "--loglevel", "warning",
+                   *self.extra_args]
         self._process = subprocess.Popen(command, stdout=subprocess.DEVNULL,
                                          stderr=subprocess.DEVNULL)
         self._wait_until_ready()

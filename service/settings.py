@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -23,6 +23,9 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = None
     """When set, every /v1/* request must carry this value in the X-API-Key header."""
 
+    redis_cluster: bool = False
+    """RECSYS_REDIS_URL names one node of a Redis Cluster: the cluster client finds the others
+    (a version's keys share one hash tag, so each version lives in one slot)."""
     redis_prefix: str = "recsys:"
     """Prefix of every Redis key this service writes."""
     redis_timeout_s: float = Field(0.5, gt=0)
@@ -52,3 +55,10 @@ class Settings(BaseSettings):
     """How often to look for a new model version; 0 disables polling."""
     log_format: Literal["text", "json"] = "text"
     log_level: str = "INFO"
+
+    @model_validator(mode="after")
+    def _cluster_needs_url(self) -> Settings:
+        # The private embedded Redis is a single server, never a cluster.
+        if self.redis_cluster and not self.redis_url:
+            raise ValueError("RECSYS_REDIS_CLUSTER needs RECSYS_REDIS_URL (a node of the cluster)")
+        return self

@@ -27,6 +27,15 @@ def redis_url(redis_server: EmbeddedRedis) -> str:
     return redis_server.url
 
 
+@pytest.fixture(scope="session")
+def redis_cluster_url() -> Iterator[str]:
+    """A private three-node Redis Cluster; the URL of one node."""
+    from tests.redis_cluster import EmbeddedRedisCluster
+
+    with EmbeddedRedisCluster() as cluster:
+        yield cluster.url
+
+
 @pytest.fixture
 def redis_client(redis_url: str) -> Iterator[redis.Redis]:
     """A client on the private server, flushed before each test that asks for it."""

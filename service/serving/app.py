@@ -80,7 +80,8 @@ def open_cache(settings: Settings, embedded: EmbeddedRedis | None) -> ItemMatrix
     url = settings.redis_url or (embedded.url if embedded else None)
     if url is None:
         return None
-    return ItemMatrixCache(connect(url, timeout_s=settings.redis_timeout_s),
+    return ItemMatrixCache(connect(url, cluster=settings.redis_cluster,
+                                   timeout_s=settings.redis_timeout_s),
                            prefix=settings.redis_prefix, lock_timeout_s=settings.lock_timeout_s,
                            ttl_s=settings.item_cache_ttl_s)
 

@@ -42,9 +42,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     # before numpy is imported, and worker processes inherit it.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    problem = configuration_problem()
+    if problem:
+        print(f"recsys-serve: invalid configuration: {problem}", file=sys.stderr)
+        return 2
     if args.workers > 1:
         return supervise(args.host, args.port, args.workers)
     return serve(args.host, args.port, args.reuse_port)
+
+
+def configuration_problem() -> str | None:
+    """What is wrong with the RECSYS_* environment, checked before any server starts (inside
+    uvicorn's app factory it would surface as a traceback)."""
+    from pydantic import ValidationError
+
+    from service.settings import Settings
+
+    try:
+        Settings()
+    except ValidationError as exc:
+        return "; ".join(f"RECSYS_{str(e['loc'][0]).upper()}: {e['msg']}" if e["loc"]
+                         else e["msg"] for e in exc.errors())
+    return None
 
 
 def serve(host: str, port: int, reuse_port: bool) -> int:

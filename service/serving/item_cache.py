@@ -33,6 +33,7 @@ from typing import Any, Literal, TypeVar
 import numpy as np
 import redis
 from redis.backoff import NoBackoff
+from redis.cluster import RedisCluster
 from redis.lock import Lock
 from redis.retry import Retry
 
@@ -59,11 +60,21 @@ def escape_component(text: str) -> str:
     return "".join(chr(b) if b in _SAFE_CHARS else f"%{b:02X}" for b in text.encode("utf-8"))
 
 
-def connect(url: str, *, timeout_s: float = 0.5, retries: int = 1) -> redis.Redis:
+# A standalone server or a cluster: every command this module sends works on both, because
+# a version's keys share one slot (MULTI/EXEC, WATCH and multi-key DEL need that in a cluster).
+RedisClient = redis.Redis | RedisCluster
+
+
+def connect(url: str, *, cluster: bool = False, timeout_s: float = 0.5,
+            retries: int = 1) -> RedisClient:
     """A client that fails fast: redis-py 8's default retry policy (10 retries with backoff)
-    makes one command against a dead server take ~4 s, far too long for a request path."""
-    return redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                                retry=Retry(NoBackoff(), retries))
+    makes one command against a dead server take ~4 s, far too long for a request path.
+    ``cluster``: ``url`` is one node of a Redis Cluster, which redis-py discovers from it."""
+    options: dict[str, Any] = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s,
+                               "retry": Retry(NoBackoff(), retries)}
+    if cluster:
+        return RedisCluster.from_url(url, **options)
+    return redis.Redis.from_url(url, **options)
 
 
 @dataclass(frozen=True)
@@ -195,7 +206,7 @@ def as_matrix(values: np.ndarray) -> np.ndarray:
 class ItemMatrixCache:
     """Item matrices shared between processes through Redis; see the module docstring."""
 
-    def __init__(self, client: redis.Redis, prefix: str = "recsys:", chunk_bytes: int = 4 << 20,
+    def __init__(self, client: RedisClient, prefix: str = "recsys:", chunk_bytes: int = 4 << 20,
                  lock_timeout_s: float = 120.0, wait_timeout_s: float = 300.0,
                  ttl_s: int | None = None, error_backoff_s: float = 2.0) -> None:
         if "{" in prefix or "}" in prefix:
@@ -497,7 +508,7 @@ class VersionedHash:
     in `cache.degraded`): `get` answers None, `is_complete` False, `put_many` False.
     """
 
-    def __init__(self, client: redis.Redis, cache: ItemMatrixCache, name: str) -> None:
+    def __init__(self, client: RedisClient, cache: ItemMatrixCache, name: str) -> None:
         if not _PART_RE.match(name):
             raise ValueError(f"name must be [A-Za-z0-9_.-]+, got {name!r}")
         self.client = client

@@ -1,5 +1,6 @@
-"""Two real `recsys-serve` processes on one Redis: one computes the item matrix, the other reads
-it; both answer identically; both stop cleanly on SIGTERM."""
+"""Real `recsys-serve` replicas on one Redis (a single server or a Redis Cluster): one computes
+the item matrix, the others read it; all answer identically; killing one leaves the others
+serving; they stop cleanly on SIGTERM. And `--workers`: several processes on one port."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -28,27 +31,35 @@ from .helpers import (
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+REPLICAS = 3
 PROCESS_DB = 5  # a database of the private Redis that no other test uses
 READY_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 30.0
 
 
-@pytest.fixture
-def servers(tmp_path: Path, model_store: Path, redis_url: str) -> Iterator[list[Server]]:
+@pytest.fixture(params=["standalone", "cluster"])
+def servers(request: pytest.FixtureRequest, tmp_path: Path,
+            model_store: Path) -> Iterator[list[Server]]:
+    """Three `recsys-serve` processes over one store and one Redis: a single server or a
+    three-node Redis Cluster (RECSYS_REDIS_CLUSTER)."""
     store = tmp_path / "store"
     shutil.copytree(model_store, store)
-    url = f"{redis_url.rsplit('/', 1)[0]}/{PROCESS_DB}"
-    flush = redis.Redis.from_url(url)
-    flush.flushdb()
-    flush.close()
-    env = {**os.environ, "RECSYS_MODEL_STORE": str(store), "RECSYS_REDIS_URL": url,
+    env = {**os.environ, "RECSYS_MODEL_STORE": str(store),
            "RECSYS_REDIS_PREFIX": unique_prefix("proc"), "RECSYS_POLL_INTERVAL_S": "0",
            "OPENBLAS_NUM_THREADS": "1", "TF_CPP_MIN_LOG_LEVEL": "2",
            "RECSYS_LOG_LEVEL": "INFO"}
+    if request.param == "cluster":
+        env.update(RECSYS_REDIS_URL=request.getfixturevalue("redis_cluster_url"),
+                   RECSYS_REDIS_CLUSTER="true")
+    else:
+        redis_url = request.getfixturevalue("redis_url")
+        env["RECSYS_REDIS_URL"] = f"{redis_url.rsplit('/', 1)[0]}/{PROCESS_DB}"
+        with redis.Redis.from_url(env["RECSYS_REDIS_URL"]) as flush:
+            flush.flushdb()
     env.pop("RECSYS_API_KEY", None)
     started: list[Server] = []
     try:
-        for n in range(2):
+        for n in range(REPLICAS):
             port = free_port()
             log_path = tmp_path / f"server{n}.log"
             with log_path.open("wb") as log_file:
@@ -65,8 +76,18 @@ def servers(tmp_path: Path, model_store: Path, redis_url: str) -> Iterator[list[
                 server.process.wait(timeout=10)
 
 
-@pytest.mark.timeout(240)
-def test_two_processes_share_one_item_matrix(servers: list[Server]) -> None:
+def answers(server: Server) -> list[Any]:
+    """What one replica answers for a fixed set of users and items."""
+    items = [f"i{n}" for n in range(1, 151, 7)] + ["unknown"]
+    out = []
+    for user in ({"id": "u1"}, {"id": "u250"}, {}, {"features": {"gender": "X", "age": 30}}):
+        out.append(server.post("/v1/recommend", {"user": user, "k": 15}))
+        out.append(server.post("/v1/score", {"user": user, "item_ids": items}))
+    return out
+
+
+@pytest.mark.timeout(300)
+def test_replicas_share_one_item_matrix_and_survive_a_killed_peer(servers: list[Server]) -> None:
     deadline = time.monotonic() + READY_TIMEOUT_S
     for server in servers:
         try:
@@ -75,27 +96,51 @@ def test_two_processes_share_one_item_matrix(servers: list[Server]) -> None:
             raise AssertionError(f"{exc}\nexit code {server.process.poll()}; log:\n"
                                  f"{server.log()}") from None
 
+    # The fleet computes the matrix once; every other replica reads it from Redis.
     loads = [item_matrix_loads(server.get("/metrics").text) for server in servers]
     assert sum(load.get("computed", 0.0) for load in loads) == 1.0, loads
-    assert sum(load.get("redis", 0.0) for load in loads) == 1.0, loads
+    assert sum(load.get("redis", 0.0) for load in loads) == REPLICAS - 1, loads
     assert all(sum(load.values()) == 1.0 for load in loads), loads
 
     versions = {server.post("/v1/admin/reload", {})["model"]["version"] for server in servers}
     assert versions == {1}
-    items = [f"i{n}" for n in range(1, 151, 7)] + ["unknown"]
-    for user in ({"id": "u1"}, {"id": "u250"}, {}, {"features": {"gender": "X", "age": 30}}):
-        recommended = [server.post("/v1/recommend", {"user": user, "k": 15})
-                       for server in servers]
-        assert recommended[0] == recommended[1]
-        assert len(recommended[0]["items"]) == 15
-        scored = [server.post("/v1/score", {"user": user, "item_ids": items})
-                  for server in servers]
-        assert scored[0] == scored[1]
-        assert scored[0]["unknown_item_ids"] == ["unknown"]
+    expected = answers(servers[0])
+    assert len(expected[0]["items"]) == 15
+    assert expected[1]["unknown_item_ids"] == ["unknown"]
+    for server in servers[1:]:
+        assert answers(server) == expected
 
-    for server in servers:
+    # SIGKILL one replica (the one that computed, the lock holder) while the others serve.
+    victim = next(s for s, load in zip(servers, loads, strict=True) if load.get("computed"))
+    survivors = [s for s in servers if s is not victim]
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def traffic(server: Server) -> None:
+        with httpx.Client(base_url=f"http://127.0.0.1:{server.port}", timeout=10) as client:
+            while not stop.is_set():
+                response = client.post("/v1/recommend", json={"user": {"id": "u7"}, "k": 5})
+                if response.status_code != 200:
+                    failures.append(f"{server.port}: {response.status_code} {response.text}")
+
+    threads = [threading.Thread(target=traffic, args=(s,)) for s in survivors]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.5)
+    victim.process.kill()
+    victim.process.wait(timeout=10)
+    time.sleep(1.0)
+    stop.set()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert not failures, failures[:5]
+    for server in survivors:
+        assert server.get("/readyz").status_code == 200, server.log()
+        assert answers(server) == expected
+
+    for server in survivors:
         server.process.send_signal(signal.SIGTERM)
-    for server in servers:
+    for server in survivors:
         try:
             code = server.process.wait(timeout=STOP_TIMEOUT_S)
         except subprocess.TimeoutExpired:
