@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from service.data.dataset import Dataset
 from service.data.errors import DataError
@@ -34,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--learning-rate", type=float, default=TrainConfig.learning_rate)
     parser.add_argument("--embedding-dim", type=int, default=ModelConfig.embedding_dim)
     parser.add_argument("--history-length", type=int, default=50)
+    parser.add_argument("--stream", action="store_true",
+                        help="stream the training examples from Parquet shards on disk instead "
+                             "of holding them in memory (always on when TF_CONFIG is set)")
     parser.add_argument("--log-level", default="WARNING")
     return parser
 
@@ -68,18 +73,30 @@ def main(argv: Sequence[str] | None = None) -> int:
             model=ModelConfig(arch=args.arch, embedding_dim=args.embedding_dim),
             train=TrainConfig(epochs=args.epochs, batch_size=args.batch_size,
                               learning_rate=args.learning_rate, seed=args.seed),
-            history_length=args.history_length)
+            history_length=args.history_length, stream_examples=args.stream)
+        distribution = strategy()  # before any TensorFlow operation, as TF requires
         set_seeds(args.seed)
         result = run(dataset, args.model_store, args.name, options,
-                     progress=lambda line: print(line, flush=True))
+                     progress=lambda line: print(line, flush=True), strategy=distribution)
     except DataError as exc:
         print(f"recsys-train: data error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("recsys-train: interrupted; nothing was written", file=sys.stderr)
         return 130
-    print(f"wrote {result.version_dir}")
+    print(f"wrote {result.version_dir}" if result.version_dir else
+          "trained as a worker; the chief exports the model")
     return 0
+
+
+def strategy() -> Any:
+    """TensorFlow's multi-worker strategy when TF_CONFIG names a cluster, else none: every
+    worker runs this same command on the same data (see README, Deployment)."""
+    if not os.environ.get("TF_CONFIG"):
+        return None
+    import tensorflow as tf
+
+    return tf.distribute.MultiWorkerMirroredStrategy()
 
 
 def set_seeds(seed: int) -> None:

@@ -16,6 +16,12 @@ import tensorflow as tf
 from service.data.dataset import ITEM_ID, LABEL, USER_ID, Dataset, FeatureSpec
 from service.model_format import FORMAT_VERSION, RETRIEVAL_DOT, RETRIEVAL_EXHAUSTIVE, ModelSpec
 from service.training import evaluate, metrics
+from service.training.example_input import (
+    USERS_PER_SHARD,
+    ExampleSource,
+    InMemoryExamples,
+    write_shards,
+)
 from service.training.export import ExportBundle, export_version, user_table
 from service.training.features import (
     BUCKET_SUFFIX,
@@ -42,11 +48,14 @@ class RunOptions:
     train: TrainConfig = field(default_factory=TrainConfig)
     history_length: int = 50
     rerank_depth: int = 200
+    # Stream the training examples from Parquet shards on disk instead of holding them in
+    # memory (example_input.py); always on under a multi-worker strategy.
+    stream_examples: bool = False
 
 
 @dataclass
 class RunResult:
-    version_dir: Path
+    version_dir: Path | None  # None on a worker other than the chief, which exports nothing
     metrics: dict[str, dict[str, float]]
     table: str
     model: Recommender
@@ -61,7 +70,19 @@ def encode_tables(schema: FeatureSchema, users: pd.DataFrame,
 
 
 def run(dataset: Dataset, store: Path, name: str, options: RunOptions,
-        progress: Callable[[str], None] = print) -> RunResult:
+        progress: Callable[[str], None] = print,
+        strategy: tf.distribute.Strategy | None = None) -> RunResult:
+    """Trains and exports one version. Under a multi-worker ``strategy`` every worker runs this
+    on the same data; they train together and the chief alone evaluates on the test and
+    exports."""
+    strategy = strategy or tf.distribute.get_strategy()
+    with tempfile.TemporaryDirectory(prefix="recsys-examples-") as scratch:
+        return _run(dataset, store, name, options, progress, strategy, Path(scratch))
+
+
+def _run(dataset: Dataset, store: Path, name: str, options: RunOptions,
+         progress: Callable[[str], None], strategy: tf.distribute.Strategy,
+         scratch: Path) -> RunResult:
     fraction = LABELLED_HOLDOUT_FRACTION if dataset.has_labels else 0.0
     split = leave_last_out(dataset.interactions, fraction)
     progress(f"split: {len(split.train)} train, {len(split.validation)} validation, "
@@ -73,19 +94,24 @@ def run(dataset: Dataset, store: Path, name: str, options: RunOptions,
                                 item_spec, options.history_length)
     encoded = encode_tables(schema, dataset.users, items)
     catalog = pd.Index(items[ITEM_ID])
-    model = build_model(options.model, schema)
+    with strategy.scope():
+        model = build_model(options.model, schema)
     known_for_test = pd.concat([split.train, split.validation], ignore_index=True)
     validation = evaluate.make_eval_set(
         split.validation_items, split.train, dataset.interactions,
         split.validation if dataset.has_labels else None, catalog, schema,
         options.train.seed, max_users=VALIDATION_USERS)
     trainer = Trainer(model, options.train, encoded.user_features, encoded.item_features,
-                      dataset.has_labels)
-    examples = training_examples(split.train, dataset.users, items, schema)
+                      dataset.has_labels, strategy)
+    source = example_source(split.train, dataset.users, items, schema, options, strategy,
+                            scratch)
     monitor = "val_auc" if dataset.has_labels else "val_full_ndcg@10"
-    progress(f"training {options.model.arch} on {len(examples.label)} examples")
-    fitted = trainer.fit(examples, lambda m: prefixed(
+    progress(f"training {options.model.arch} on {source.rows} examples"
+             f"{workers_note(strategy)}")
+    fitted = trainer.fit(source, lambda m: prefixed(
         evaluate.evaluate_model(m, encoded, validation, options.rerank_depth)), monitor, progress)
+    if not is_chief(strategy):
+        return RunResult(None, {}, "", model, encoded)
     test = evaluate.make_eval_set(
         split.test_items, known_for_test, dataset.interactions,
         split.test if dataset.has_labels else None, catalog, schema, options.train.seed)
@@ -112,6 +138,43 @@ def run(dataset: Dataset, store: Path, name: str, options: RunOptions,
     version_dir = export_version(bundle, store, name)
     progress(f"exported {version_dir}")
     return RunResult(version_dir, results, table, model, encoded)
+
+
+def example_source(train: pd.DataFrame, users: pd.DataFrame, items: pd.DataFrame,
+                   schema: FeatureSchema, options: RunOptions, strategy: tf.distribute.Strategy,
+                   scratch: Path) -> ExampleSource:
+    workers = worker_count(strategy)
+    if not options.stream_examples and workers == 1:
+        return InMemoryExamples(training_examples(train, users, items, schema))
+    users_per_shard = max(1, min(USERS_PER_SHARD, train[USER_ID].nunique() // workers))
+    return write_shards(train, users, items, schema, scratch, options.train.seed,
+                        users_per_shard)
+
+
+def cluster_spec(strategy: tf.distribute.Strategy) -> dict[str, Any]:
+    """The TF_CONFIG cluster of a multi-worker strategy; {} for one process."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    return dict(resolver.cluster_spec().as_dict()) if resolver is not None else {}
+
+
+def worker_count(strategy: tf.distribute.Strategy) -> int:
+    spec = cluster_spec(strategy)
+    return max(1, len(spec.get("chief", [])) + len(spec.get("worker", [])))
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+    spec = cluster_spec(strategy)
+    if not spec:
+        return True
+    resolver = strategy.cluster_resolver
+    has_chief = "chief" in spec
+    return bool(resolver.task_type == "chief"
+                or (not has_chief and resolver.task_type == "worker" and resolver.task_id == 0))
+
+
+def workers_note(strategy: tf.distribute.Strategy) -> str:
+    replicas = strategy.num_replicas_in_sync
+    return f" on {replicas} replicas ({type(strategy).__name__})" if replicas > 1 else ""
 
 
 def build_model(config: ModelConfig, schema: FeatureSchema) -> Recommender:

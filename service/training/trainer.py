@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 from numpy.typing import NDArray
 
-from service.training.features import TrainingExamples
+from service.training.example_input import ExampleSource, steps_per_epoch
 from service.training.model import ARCH_SEED, Recommender
 
 log = logging.getLogger(__name__)
@@ -65,9 +65,11 @@ def gather(table: dict[str, tf.Tensor], rows: tf.Tensor) -> dict[str, tf.Tensor]
 
 class Trainer:
     def __init__(self, model: Recommender, config: TrainConfig, users: dict[str, NDArray[Any]],
-                 items: dict[str, NDArray[Any]], has_labels: bool) -> None:
+                 items: dict[str, NDArray[Any]], has_labels: bool,
+                 strategy: tf.distribute.Strategy | None = None) -> None:
         """``users``/``items``: encoded side-feature arrays per table row; ``items`` must also
-        hold "item_id" (the item-vocabulary index of each catalog row)."""
+        hold "item_id" (the item-vocabulary index of each catalog row). ``strategy``: the
+        ``tf.distribute`` strategy the model was built under (default: none)."""
         self.model = model
         self.config = config
         self.users = table_tensors(users)
@@ -77,10 +79,11 @@ class Trainer:
         self.retrieval_weight = config.retrieval_weight if config.retrieval_weight is not None \
             else (0.1 if has_labels else 1.0)
         self.seed_arch = model.config.arch == ARCH_SEED
-        self.optimizer = keras.optimizers.AdamW(config.learning_rate,
-                                                weight_decay=config.weight_decay)
-        self.rng = np.random.default_rng(config.seed)
-        self._step = tf.function(self._train_step, reduce_retracing=True)
+        self.strategy = strategy or tf.distribute.get_strategy()
+        with self.strategy.scope():
+            self.optimizer = keras.optimizers.AdamW(config.learning_rate,
+                                                    weight_decay=config.weight_decay)
+        self._step = tf.function(self._distributed_step, reduce_retracing=True)
 
     def _candidates(self) -> tf.Tensor:
         if self.n_items <= self.config.full_softmax_max_items:
@@ -88,8 +91,17 @@ class Trainer:
         return tf.random.uniform([self.config.sampled_softmax_items], 0, self.n_items,
                                  dtype=tf.int64)
 
-    def _train_step(self, user_row: tf.Tensor, user_id: tf.Tensor, item_row: tf.Tensor,
-                    label: tf.Tensor, history: tf.Tensor) -> dict[str, tf.Tensor]:
+    def _distributed_step(self, batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        per_replica = self.strategy.run(self._train_step, args=(batch,))
+        return {name: self.strategy.reduce(tf.distribute.ReduceOp.MEAN, value, axis=None)
+                for name, value in per_replica.items()}
+
+    def _train_step(self, batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        user_row, item_row, label = batch["user_row"], batch["item_row"], batch["label"]
+        history = batch["history"]
+        # Dropping some ids to the unknown bucket teaches the cold-start embedding.
+        dropped = tf.random.uniform(tf.shape(batch["user_index"])) < self.config.user_id_dropout
+        user_id = tf.where(dropped, tf.zeros_like(batch["user_index"]), batch["user_index"])
         with tf.GradientTape() as tape:
             user_inputs = gather(self.users, user_row)
             user_inputs.update(user_id=user_id, history=history)
@@ -101,8 +113,10 @@ class Trainer:
                          else self._softmax_loss(u, c_pos, c_cand, item_row, candidates, label))
             head = self._head_loss(u, c_pos, c_cand, label)
             loss = self.retrieval_weight * retrieval + head
+            # Replicas' gradients are summed: scale so the step is the mean over replicas.
+            scaled = loss / self.strategy.num_replicas_in_sync
         variables = self.model.trainable_variables
-        self.optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables,
+        self.optimizer.apply_gradients(zip(tape.gradient(scaled, variables), variables,
                                            strict=True))
         return {"loss": loss, "retrieval_loss": retrieval, "head_loss": head}
 
@@ -131,34 +145,34 @@ class Trainer:
         logits = self.model.head(u, items, training=True)
         return tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(targets, logits))
 
-    def _epoch(self, examples: TrainingExamples) -> dict[str, float]:
-        order = self.rng.permutation(len(examples.label))
+    def _epoch(self, batches: Iterator[Any], steps: int) -> dict[str, float]:
         totals: dict[str, float] = {}
-        steps = 0
-        for start in range(0, len(order), self.config.batch_size):
-            batch = order[start:start + self.config.batch_size]
-            user_id = examples.user_index[batch].copy()
-            # Dropping some ids to the unknown bucket teaches the cold-start embedding.
-            user_id[self.rng.random(len(batch)) < self.config.user_id_dropout] = 0
-            out = self._step(tf.constant(examples.user_row[batch]), tf.constant(user_id),
-                             tf.constant(examples.item_row[batch]),
-                             tf.constant(examples.label[batch]),
-                             tf.constant(examples.history[batch]))
-            for name, value in out.items():
+        for _ in range(steps):
+            for name, value in self._step(next(batches)).items():
                 totals[name] = totals.get(name, 0.0) + float(value)
-            steps += 1
-        return {name: total / max(steps, 1) for name, total in totals.items()}
+        return {name: total / steps for name, total in totals.items()}
 
-    def fit(self, examples: TrainingExamples, validate: Validator, monitor: str,
+    def _batches(self, source: ExampleSource) -> tuple[Iterator[Any], int]:
+        """One endless iterator of (per-worker) batches and the steps that make an epoch."""
+        global_batch = self.config.batch_size * self.strategy.num_replicas_in_sync
+        distributed = self.strategy.distribute_datasets_from_function(
+            lambda context: source.dataset(context, context.get_per_replica_batch_size(
+                global_batch), self.config.seed))
+        return iter(distributed), steps_per_epoch(source.rows, global_batch)
+
+    def fit(self, source: ExampleSource, validate: Validator, monitor: str,
             progress: Callable[[str], None] = print) -> TrainResult:
         """Trains up to ``epochs``; keeps the weights of the epoch with the best ``monitor``."""
         result = TrainResult()
-        self._build(examples)
+        self._build(source.history_length)
+        batches, steps = self._batches(source)
         best_value, best_weights, waited = -np.inf, self._weights(), 0
         started = time.monotonic()
         for epoch in range(1, self.config.epochs + 1):
             epoch_start = time.monotonic()
-            metrics = {**self._epoch(examples), **validate(self.model)}
+            metrics = {**self._epoch(batches, steps), **validate(self.model)}
+            # Workers must stop at the same epoch: they decide on the mean of their values.
+            metrics[monitor] = self._agree(metrics[monitor])
             for name, value in metrics.items():
                 result.history.setdefault(name, []).append(value)
             shown = "  ".join(f"{k}={v:.4f}" for k, v in metrics.items())
@@ -176,15 +190,26 @@ class Trainer:
         result.seconds = time.monotonic() - started
         return result
 
-    def _build(self, examples: TrainingExamples) -> None:
+    def _agree(self, value: float) -> float:
+        if self.strategy.num_replicas_in_sync == 1:
+            return value
+        return float(self._mean_over_replicas(tf.constant(value, tf.float32)))
+
+    @tf.function
+    def _mean_over_replicas(self, value: tf.Tensor) -> tf.Tensor:
+        local = self.strategy.run(tf.identity, args=(value,))
+        return self.strategy.reduce(tf.distribute.ReduceOp.MEAN, local, axis=None)
+
+    def _build(self, history_length: int) -> None:
         """Creates every variable (one forward pass) so weights can be snapshotted."""
-        first = slice(0, 1)
-        user_inputs = gather(self.users, tf.constant(examples.user_row[first]))
-        user_inputs.update(user_id=tf.constant(examples.user_index[first]),
-                           history=tf.constant(examples.history[first]))
-        u = self.model.user_tower(user_inputs)
-        c = self.model.item_tower(gather(self.items, tf.constant(examples.item_row[first])))
-        self.model.head(u, c[:, None, :])
+        first = tf.zeros([1], tf.int64)
+        user_inputs = gather(self.users, first)
+        user_inputs.update(user_id=tf.zeros([1], tf.int32),
+                           history=tf.zeros([1, history_length], tf.int32))
+        with self.strategy.scope():
+            u = self.model.user_tower(user_inputs)
+            c = self.model.item_tower(gather(self.items, first))
+            self.model.head(u, c[:, None, :])
 
     def _weights(self) -> list[NDArray[Any]]:
         return [v.numpy().copy() for v in self.model.trainable_variables]
