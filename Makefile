@@ -30,7 +30,7 @@ PYTEST_ARGS ?=
 no-digits = $(subst 9,,$(subst 8,,$(subst 7,,$(subst 6,,$(subst 5,,$(subst 4,,$(subst 3,,$(subst 2,,$(subst 1,,$(subst 0,,$(1)))))))))))
 MODEL_VERSIONS := $(foreach v,$(notdir $(patsubst %/saved_model.pb,%,$(wildcard $(MODEL_DIR)/*/saved_model.pb))),$(if $(call no-digits,$(v)),,$(if $(subst 0,,$(v)),$(v))))
 
-.PHONY: help install train run test lint lock clean clean-models chaos bench
+.PHONY: help install train run test lint lock clean clean-models chaos bench bench-quality
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(firstword $(MAKEFILE_LIST)) \
@@ -76,6 +76,15 @@ chaos: $(STAMP) ## chaos run: load while Redis dies/returns and versions appear 
 BENCH_ARGS ?=
 bench: $(STAMP) ## serving benchmark: latency/throughput/readiness/memory vs targets (BENCH_ARGS)
 	OPENBLAS_NUM_THREADS=1 $(BIN)/python bench/serving.py $(BENCH_ARGS)
+
+# Quality benchmark: the default and seed models (recsys-train) against popularity and implicit's
+# ALS / BPR (tuned on the validation split), the default model also measured through a real
+# recsys-serve over HTTP; one markdown table (about 5 minutes on ML-100K). E.g.
+#   make bench-quality QUALITY_ARGS='--seeds 0,1,2'      make bench-quality QUALITY_DATA=/data/ml-1m
+QUALITY_DATA ?= ../shared/data/ml-100k
+QUALITY_ARGS ?=
+bench-quality: $(STAMP) ## quality vs popularity/ALS/BPR, trainer vs HTTP (QUALITY_DATA, QUALITY_ARGS)
+	OPENBLAS_NUM_THREADS=1 $(BIN)/python bench/quality.py --data $(QUALITY_DATA) $(QUALITY_ARGS)
 
 lint: $(STAMP) ## ruff and mypy
 	$(BIN)/ruff check .
