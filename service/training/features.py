@@ -14,7 +14,8 @@ import numpy as np
 import pandas as pd
 from numpy.typing import NDArray
 
-from service.data.dataset import ITEM_ID, LABEL, TIMESTAMP, USER_ID, FeatureSpec
+from service.data.dataset import ITEM_ID, LABEL, USER_ID, FeatureSpec
+from service.training.split import sort_by_time
 
 NUMERIC_CLIP = 8.0
 MAX_MULTI_VALUES = 32
@@ -193,9 +194,6 @@ def positive_sequences(interactions: pd.DataFrame, item_ids: Vocabulary) -> Posi
                              {str(u): int(n) for u, n in sizes.items()})
 
 
-def sort_by_time(interactions: pd.DataFrame) -> pd.DataFrame:
-    """Rows by (user, timestamp, item): the order in which histories grow."""
-    return interactions.sort_values([USER_ID, TIMESTAMP, ITEM_ID], kind="stable")
 
 
 @dataclass

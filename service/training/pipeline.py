@@ -28,13 +28,12 @@ from service.training.features import (
     POPULARITY,
     FeatureSchema,
     fit_feature_schema,
-    sort_by_time,
     training_examples,
     with_popularity,
 )
 from service.training.model import ARCH_SEED, ModelConfig, Recommender, build_recommender
 from service.training.report import format_table, plot_learning_curves
-from service.training.split import Split, leave_last_out
+from service.training.split import Split, leave_last_out, sort_by_time
 from service.training.trainer import TrainConfig, Trainer, TrainResult
 
 LABELLED_HOLDOUT_FRACTION = 0.2

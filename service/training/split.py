@@ -95,6 +95,13 @@ def cut_last(interactions: pd.DataFrame, holdout_fraction: float = 0.0) -> Holdo
                    targets=targets)
 
 
+def sort_by_time(interactions: pd.DataFrame) -> pd.DataFrame:
+    """Rows grouped by user, each user's in the protocol's time order (the order histories
+    grow in, so that a history's last item is the one the split calls the latest)."""
+    user_codes, _ = pd.factorize(interactions[USER_ID])
+    return interactions.iloc[_time_order(user_codes, interactions)]
+
+
 def _time_order(user_codes: NDArray[np.intp], interactions: pd.DataFrame) -> NDArray[np.intp]:
     """Row order grouped by user, then by (timestamp, item id), then input position."""
     timestamps = interactions[TIMESTAMP].to_numpy(dtype=np.int64)

@@ -250,3 +250,12 @@ def test_protocol_on_ml100k() -> None:
         negatives = test.negatives[row]
         assert len(np.unique(negatives)) == 99
         assert not ids(test, negatives) & touched[user]
+
+
+def test_histories_follow_the_protocols_time_order() -> None:
+    """The user tower's history ends with what the split calls the latest item: ties in time
+    go to the larger item id, as integers (user 1's 9 then 10; user 3's 1, 2, 3, 11)."""
+    stored = histories(interactions())
+    assert stored["1"] == ["5", "3", "9", "10"]
+    assert stored["2"] == ["7", "2", "8", "4"]
+    assert stored["3"] == ["1", "2", "3", "11"]
