@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
+
+import psutil
 
 
 def executable(name: str, module: str) -> list[str]:
@@ -21,3 +26,23 @@ def clean_env(**extra: str) -> dict[str, str]:
     env["OPENBLAS_NUM_THREADS"] = "1"
     env.update(extra)
     return env
+
+
+def stop_tree(process: subprocess.Popen[bytes], timeout_s: float) -> None:
+    """SIGTERM (a server drains and stops its own children), then SIGKILL whatever of its
+    process tree is left after ``timeout_s``."""
+    try:
+        children = psutil.Process(process.pid).children(recursive=True)
+    except psutil.Error:
+        children = []
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10)
+    for child in children:
+        with contextlib.suppress(psutil.Error):
+            if child.is_running():
+                child.kill()

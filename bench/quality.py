@@ -38,7 +38,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -55,7 +54,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import httpx
 import numpy as np
 import pandas as pd
-import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = Path(__file__).resolve().parent
@@ -64,7 +62,7 @@ for path in (ROOT, BENCH):  # `python bench/quality.py` puts bench/, not the roo
         sys.path.insert(0, str(path))
 
 import peers  # noqa: E402  (bench/ is on sys.path)
-from processes import clean_env, executable  # noqa: E402
+from processes import clean_env, executable, stop_tree  # noqa: E402
 
 from service.data.dataset import ITEM_ID, LABEL, TIMESTAMP, USER_ID, Dataset  # noqa: E402
 from service.data.load import load_dataset  # noqa: E402
@@ -250,21 +248,7 @@ def wait_ready(server: Served) -> None:
 
 def stop_server(server: Served) -> None:
     """SIGTERM (drains, stops its private Redis), then SIGKILL whatever of its tree is left."""
-    try:
-        children = psutil.Process(server.process.pid).children(recursive=True)
-    except psutil.Error:
-        children = []
-    if server.process.poll() is None:
-        server.process.send_signal(signal.SIGTERM)
-    try:
-        server.process.wait(timeout=STOP_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        server.process.kill()
-        server.process.wait(timeout=10)
-    for child in children:
-        with contextlib.suppress(psutil.Error):
-            if child.is_running():
-                child.kill()
+    stop_tree(server.process, STOP_TIMEOUT_S)
 
 
 @dataclass

@@ -35,7 +35,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -53,7 +52,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `python bench/serving.py` puts bench/, not the root, on the path
     sys.path.insert(0, str(ROOT))
 
-from processes import clean_env, executable  # noqa: E402  (bench/ is on sys.path)
+from processes import clean_env, executable, stop_tree  # noqa: E402  (bench/ is on sys.path)
 
 from service.model_format import (  # noqa: E402
     ASSETS_DIR,
@@ -310,21 +309,7 @@ def wait_ready(server: Server, timeout_s: float = READY_TIMEOUT_S) -> None:
 def stop_server(server: Server) -> None:
     """SIGTERM (uvicorn drains and stops its workers), then SIGKILL whatever is left."""
     server.rss.stop()
-    try:
-        children = psutil.Process(server.process.pid).children(recursive=True)
-    except psutil.Error:
-        children = []
-    if server.process.poll() is None:
-        server.process.send_signal(signal.SIGTERM)
-    try:
-        server.process.wait(timeout=STOP_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        server.process.kill()
-        server.process.wait(timeout=10)
-    for child in children:
-        with contextlib.suppress(psutil.Error):
-            if child.is_running():
-                child.kill()
+    stop_tree(server.process, STOP_TIMEOUT_S)
 
 
 def matrix_seconds(server: Server, scrapes: int = 8) -> dict[str, float]:
