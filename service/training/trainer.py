@@ -42,6 +42,11 @@ class TrainConfig:
     # (measured on synthetic data: test AUC 0.731 -> 0.746 at 5,000 users).
     retrieval_weight: float | None = None
     patience: int = 3
+    # Validate and keep an exponential moving average of the weights (None: the raw weights).
+    # Validation peaks within 1-3 epochs on both kinds of data, so the raw weights are noisy
+    # there; measured with 0.99 (one seed each): ml-100k full HR@10 0.157 -> 0.171, synthetic
+    # test AUC gap to the oracle 0.022 -> 0.016 (seed 0) and 0.029 -> 0.021 (seed 1).
+    ema_momentum: float | None = 0.99
     seed: int = 0
 
 
@@ -81,8 +86,10 @@ class Trainer:
         self.seed_arch = model.config.arch == ARCH_SEED
         self.strategy = strategy or tf.distribute.get_strategy()
         with self.strategy.scope():
-            self.optimizer = keras.optimizers.AdamW(config.learning_rate,
-                                                    weight_decay=config.weight_decay)
+            self.optimizer = keras.optimizers.AdamW(
+                config.learning_rate, weight_decay=config.weight_decay,
+                use_ema=config.ema_momentum is not None,
+                ema_momentum=config.ema_momentum or 0.99)
         self._step = tf.function(self._distributed_step, reduce_retracing=True)
 
     def _candidates(self) -> tf.Tensor:
@@ -170,7 +177,9 @@ class Trainer:
         started = time.monotonic()
         for epoch in range(1, self.config.epochs + 1):
             epoch_start = time.monotonic()
-            metrics = {**self._epoch(batches, steps), **validate(self.model)}
+            metrics = self._epoch(batches, steps)
+            training_weights = self._averaged_in()
+            metrics.update(validate(self.model))
             # Workers must stop at the same epoch: they decide on the mean of their values.
             metrics[monitor] = self._agree(metrics[monitor])
             for name, value in metrics.items():
@@ -186,9 +195,20 @@ class Trainer:
                 if waited >= self.config.patience:
                     progress(f"early stop: no {monitor} gain for {waited} epochs")
                     break
+            if training_weights is not None:
+                self._restore(training_weights)
         self._restore(best_weights)
         result.seconds = time.monotonic() - started
         return result
+
+    def _averaged_in(self) -> list[NDArray[Any]] | None:
+        """With an EMA: puts the averaged weights in the model (to validate and keep) and
+        returns the training weights to resume from; else None."""
+        if self.config.ema_momentum is None:
+            return None
+        training_weights = self._weights()
+        self.optimizer.finalize_variable_values(self.model.trainable_variables)
+        return training_weights
 
     def _agree(self, value: float) -> float:
         if self.strategy.num_replicas_in_sync == 1:
