@@ -66,6 +66,14 @@ def smoothed_cross_entropy(logits: tf.Tensor, valid: tf.Tensor, smoothing: float
     return -tf.reduce_sum(target * tf.where(valid, log_probs, 0.0), axis=1)
 
 
+def trim_padding(history: NDArray[np.int32]) -> NDArray[np.int32]:
+    """Drops the columns that are padding in every row (at least one column stays): the
+    towers do not depend on the window's width, and short histories (e.g. synthetic data's
+    few positives per user) then cost a fraction of the full window."""
+    filled = np.flatnonzero((history != 0).any(axis=0))
+    return history[:, min(filled[0], history.shape[1] - 1) if len(filled) else -1:]
+
+
 def table_tensors(table: dict[str, NDArray[Any]]) -> dict[str, tf.Tensor]:
     return {name: tf.constant(values) for name, values in table.items()}
 
@@ -154,7 +162,7 @@ class Trainer:
             out = self._step(tf.constant(examples.user_row[batch]), tf.constant(user_id),
                              tf.constant(examples.item_row[batch]),
                              tf.constant(examples.label[batch]),
-                             tf.constant(examples.history[batch]))
+                             tf.constant(trim_padding(examples.history[batch])))
             for name, value in out.items():
                 totals[name] = totals.get(name, 0.0) + float(value)
             steps += 1

@@ -52,3 +52,11 @@ def test_rows_are_independent(model: Recommender) -> None:
     together = tower_output(model, rows)
     alone = np.concatenate([tower_output(model, [row]) for row in rows])
     np.testing.assert_allclose(together, alone, atol=1e-5)
+
+
+def test_trim_padding_keeps_every_filled_column() -> None:
+    from service.training.trainer import trim_padding
+
+    history = np.array([[0, 0, 0, 4, 5], [0, 0, 2, 0, 7]], dtype=np.int32)
+    np.testing.assert_array_equal(trim_padding(history), history[:, 2:])
+    assert trim_padding(np.zeros((3, 5), np.int32)).shape == (3, 1)
