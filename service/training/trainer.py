@@ -43,7 +43,6 @@ class TrainConfig:
     retrieval_weight: float | None = None
     patience: int = 3
     seed: int = 0
-    label_smoothing: float = 0.0
 
 
 @dataclass
@@ -54,16 +53,6 @@ class TrainResult:
 
 
 Validator = Callable[[Recommender], dict[str, float]]
-
-
-def smoothed_cross_entropy(logits: tf.Tensor, valid: tf.Tensor, smoothing: float) -> tf.Tensor:
-    """Softmax cross-entropy with the target in column 0 and ``smoothing`` of the mass spread
-    over the valid columns (masked accidental hits get none)."""
-    log_probs = tf.nn.log_softmax(logits)
-    valid_f = tf.cast(valid, logits.dtype)
-    spread = valid_f / tf.reduce_sum(valid_f, axis=1, keepdims=True)
-    target = smoothing * spread + (1.0 - smoothing) * tf.one_hot(0, tf.shape(logits)[1])[None]
-    return -tf.reduce_sum(target * tf.where(valid, log_probs, 0.0), axis=1)
 
 
 def trim_padding(history: NDArray[np.int32]) -> NDArray[np.int32]:
@@ -132,8 +121,8 @@ class Trainer:
         hit = tf.equal(item_row[:, None], candidates[None, :])
         negative = tf.where(hit, tf.constant(-1e9, negative.dtype), negative)
         logits = tf.concat([positive, negative], axis=1)
-        valid = tf.concat([tf.ones_like(positive, tf.bool), tf.logical_not(hit)], axis=1)
-        per_row = smoothed_cross_entropy(logits, valid, self.config.label_smoothing)
+        per_row = tf.nn.sparse_softmax_cross_entropy_with_logits(
+            tf.zeros(tf.shape(logits)[0], tf.int32), logits)
         weights = tf.cast(label > 0, per_row.dtype)
         return tf.reduce_sum(per_row * weights) / tf.maximum(tf.reduce_sum(weights), 1.0)
 
