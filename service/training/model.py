@@ -40,8 +40,8 @@ class ModelConfig:
     hidden_dim: int = 256
     head_hidden: tuple[int, ...] = (128, 64)
     # interaction only: how the history becomes one vector (seed always pools). On ml-100k
-    # validation one attention block scored as well as two in 60% of the time, and clearly
-    # above pooling; dropout 0.5 or 0.1 scored lower than 0.2.
+    # validation one attention block scored as well as two in 60% of the time; dropout 0.5
+    # or 0.1 scored lower than 0.2. "pool" (mean of all and of the last 5 items) is 3x faster.
     history_encoder: str = HISTORY_ATTENTION
     attention_blocks: int = 1
     attention_heads: int = 1
