@@ -49,7 +49,20 @@ def signature(history_length: int) -> dict[str, tf.TensorSpec]:
             "user_index": tf.TensorSpec([None], tf.int32),
             "item_row": tf.TensorSpec([None], tf.int64),
             "label": tf.TensorSpec([None], tf.float32),
-            "history": tf.TensorSpec([None, history_length], tf.int32)}
+            # Width varies per batch (trim_padding), at most history_length.
+            "history": tf.TensorSpec([None, None], tf.int32)}
+
+
+def trim_padding(history: NDArray[np.int32]) -> NDArray[np.int32]:
+    """Drops the columns that are padding in every row (at least one column stays): the
+    towers do not depend on the window's width, and short histories (e.g. synthetic data's
+    few positives per user) then cost a fraction of the full window."""
+    filled = np.flatnonzero((history != 0).any(axis=0))
+    return history[:, min(filled[0], history.shape[1] - 1) if len(filled) else -1:]
+
+
+def trimmed(batch: Batch) -> Batch:
+    return batch | {"history": trim_padding(batch["history"])}
 
 
 def as_batch(examples: TrainingExamples, rows: NDArray[np.int64] | slice) -> Batch:
@@ -73,7 +86,7 @@ class InMemoryExamples:
             while True:
                 order = rng.permutation(mine)
                 for start in range(0, len(order), batch_size):
-                    yield as_batch(self.examples, order[start:start + batch_size])
+                    yield trimmed(as_batch(self.examples, order[start:start + batch_size]))
 
         return tf.data.Dataset.from_generator(
             batches, output_signature=signature(self.history_length)).prefetch(2)
@@ -146,8 +159,8 @@ class ParquetShards:
         order = rng.permutation(len(merged["label"]))
         whole = len(order) // batch_size * batch_size
         for start in range(0, whole, batch_size):
-            yield {name: values[order[start:start + batch_size]]
-                   for name, values in merged.items()}
+            yield trimmed({name: values[order[start:start + batch_size]]
+                           for name, values in merged.items()})
         pending[:] = [{name: values[order[whole:]] for name, values in merged.items()}]
 
 

@@ -183,7 +183,7 @@ def build_model(config: ModelConfig, schema: FeatureSchema) -> Recommender:
         vocab_sizes.update({f"{table}:{n}{BUCKET_SUFFIX}": s.n_buckets
                             for n, s in table_schema.numeric.items()})
     return build_recommender(config, schema.users.spec, schema.items.spec, vocab_sizes,
-                             len(schema.user_ids), len(schema.item_ids))
+                             len(schema.user_ids), len(schema.item_ids), schema.history_length)
 
 
 def embedding_dim(model: Recommender) -> int:

@@ -60,6 +60,7 @@ class TrainResult:
 Validator = Callable[[Recommender], dict[str, float]]
 
 
+
 def table_tensors(table: dict[str, NDArray[Any]]) -> dict[str, tf.Tensor]:
     return {name: tf.constant(values) for name, values in table.items()}
 
