@@ -42,10 +42,19 @@ class ModelConfig:
     # interaction only: how the history becomes one vector (seed always pools). On ml-100k
     # validation one attention block scored as well as two in 60% of the time; dropout 0.5
     # or 0.1 scored lower than 0.2. "pool" (mean of all and of the last 5 items) is 3x faster.
-    history_encoder: str = HISTORY_ATTENTION
+    # None: chosen by the data (history_encoder_for).
+    history_encoder: str | None = None
     attention_blocks: int = 1
     attention_heads: int = 1
     dropout: float = 0.2
+
+
+def history_encoder_for(has_labels: bool) -> str:
+    """Attention for implicit feedback, where the order of what a user consumed predicts the
+    next item (ml-100k full HR@10 0.16 -> 0.20); pooling for impressions with explicit
+    negatives, where the history is the user's earlier clicks and attention did not help
+    (synthetic data, one seed each, test AUC 0.775 pooled vs 0.771 with attention)."""
+    return HISTORY_POOL if has_labels else HISTORY_ATTENTION
 
 
 def masked_mean(embedded: tf.Tensor, codes: tf.Tensor) -> tf.Tensor:

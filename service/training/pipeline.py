@@ -31,7 +31,13 @@ from service.training.features import (
     training_examples,
     with_popularity,
 )
-from service.training.model import ARCH_SEED, ModelConfig, Recommender, build_recommender
+from service.training.model import (
+    ARCH_SEED,
+    ModelConfig,
+    Recommender,
+    build_recommender,
+    history_encoder_for,
+)
 from service.training.report import format_table, plot_learning_curves
 from service.training.split import Split, leave_last_out, sort_by_time
 from service.training.trainer import TrainConfig, Trainer, TrainResult
@@ -82,6 +88,9 @@ def run(dataset: Dataset, store: Path, name: str, options: RunOptions,
 def _run(dataset: Dataset, store: Path, name: str, options: RunOptions,
          progress: Callable[[str], None], strategy: tf.distribute.Strategy,
          scratch: Path) -> RunResult:
+    if options.model.history_encoder is None:
+        options = replace(options, model=replace(
+            options.model, history_encoder=history_encoder_for(dataset.has_labels)))
     fraction = LABELLED_HOLDOUT_FRACTION if dataset.has_labels else 0.0
     split = leave_last_out(dataset.interactions, fraction)
     progress(f"split: {len(split.train)} train, {len(split.validation)} validation, "
@@ -118,7 +127,8 @@ def _run(dataset: Dataset, store: Path, name: str, options: RunOptions,
         f"{options.model.arch} (this model)":
             evaluate.evaluate_model(model, encoded, test, options.rerank_depth),
         "popularity": evaluate.evaluate_popularity(
-            metrics.popularity_scores(split.train, catalog), test),
+            # Counted over all the model may know at test time (train + validation).
+            metrics.popularity_scores(known_for_test, catalog), test),
     }
     oracle = evaluate.evaluate_oracle(test)
     if oracle:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from service.data.dataset import FeatureSpec
-from service.training.model import ModelConfig, Recommender, build_recommender
+from service.training.model import HISTORY_ATTENTION, ModelConfig, Recommender, build_recommender
 
 LENGTH = 12
 N_ITEMS = 30
@@ -23,7 +23,8 @@ def model() -> Recommender:
     import keras
 
     keras.utils.set_random_seed(0)
-    return build_recommender(ModelConfig(), FeatureSpec(), FeatureSpec(), {}, 5, N_ITEMS, LENGTH)
+    config = ModelConfig(history_encoder=HISTORY_ATTENTION)
+    return build_recommender(config, FeatureSpec(), FeatureSpec(), {}, 5, N_ITEMS, LENGTH)
 
 
 def left_padded(items: list[int], width: int) -> list[int]:
@@ -60,3 +61,10 @@ def test_trim_padding_keeps_every_filled_column() -> None:
     history = np.array([[0, 0, 0, 4, 5], [0, 0, 2, 0, 7]], dtype=np.int32)
     np.testing.assert_array_equal(trim_padding(history), history[:, 2:])
     assert trim_padding(np.zeros((3, 5), np.int32)).shape == (3, 1)
+
+
+def test_the_data_chooses_the_history_encoder() -> None:
+    from service.training.model import HISTORY_POOL, history_encoder_for
+
+    assert history_encoder_for(has_labels=False) == HISTORY_ATTENTION
+    assert history_encoder_for(has_labels=True) == HISTORY_POOL
