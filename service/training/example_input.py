@@ -44,12 +44,12 @@ class ExampleSource(Protocol):
                 seed: int) -> tf.data.Dataset: ...
 
 
-def signature(history_length: int) -> dict[str, tf.TensorSpec]:
+def signature() -> dict[str, tf.TensorSpec]:
     return {"user_row": tf.TensorSpec([None], tf.int64),
             "user_index": tf.TensorSpec([None], tf.int32),
             "item_row": tf.TensorSpec([None], tf.int64),
             "label": tf.TensorSpec([None], tf.float32),
-            # Width varies per batch (trim_padding), at most history_length.
+            # Width varies per batch (trim_padding), at most the history length.
             "history": tf.TensorSpec([None, None], tf.int32)}
 
 
@@ -80,6 +80,8 @@ class InMemoryExamples:
     def dataset(self, context: tf.distribute.InputContext, batch_size: int,
                 seed: int) -> tf.data.Dataset:
         mine = np.arange(context.input_pipeline_id, self.rows, context.num_input_pipelines)
+        if not len(mine):
+            raise ValueError(f"{self.rows} examples for {context.num_input_pipelines} workers")
 
         def batches() -> Iterator[Batch]:
             rng = np.random.default_rng([seed, context.input_pipeline_id])
@@ -89,7 +91,7 @@ class InMemoryExamples:
                     yield trimmed(as_batch(self.examples, order[start:start + batch_size]))
 
         return tf.data.Dataset.from_generator(
-            batches, output_signature=signature(self.history_length)).prefetch(2)
+            batches, output_signature=signature()).prefetch(2)
 
 
 def write_shards(interactions: pd.DataFrame, users: pd.DataFrame, items: pd.DataFrame,
@@ -100,7 +102,7 @@ def write_shards(interactions: pd.DataFrame, users: pd.DataFrame, items: pd.Data
     directory.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     user_order = np.sort(interactions[USER_ID].unique())
-    files, rows = [], 0
+    files = []
     for number, start in enumerate(range(0, len(user_order), users_per_shard)):
         chosen = interactions[interactions[USER_ID].isin(user_order[start:start + users_per_shard])]
         examples = training_examples(chosen, users, items, schema)
@@ -111,7 +113,6 @@ def write_shards(interactions: pd.DataFrame, users: pd.DataFrame, items: pd.Data
         path = directory / f"examples-{number:05d}.parquet"
         pq.write_table(table, path, row_group_size=READ_ROWS)
         files.append(path)
-        rows += table.num_rows
     return ParquetShards(files, schema.history_length)
 
 
@@ -144,7 +145,7 @@ class ParquetShards:
                     yield from self._cut(pending, batch_size, rng)
 
         return tf.data.Dataset.from_generator(
-            batches, output_signature=signature(self.history_length)).prefetch(2)
+            batches, output_signature=signature()).prefetch(2)
 
     def _decode(self, record: pa.RecordBatch) -> Batch:
         out = {name: record.column(name).to_numpy() for name in COLUMNS if name != "history"}
