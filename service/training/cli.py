@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from service.data.dataset import Dataset
 from service.data.errors import DataError
@@ -74,7 +72,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             train=TrainConfig(epochs=args.epochs, batch_size=args.batch_size,
                               learning_rate=args.learning_rate, seed=args.seed),
             history_length=args.history_length, stream_examples=args.stream)
-        distribution = strategy()  # before any TensorFlow operation, as TF requires
+        from service.training.distribution import strategy_from_environment
+        try:
+            distribution = strategy_from_environment()  # before any TensorFlow operation
+        except ValueError as exc:  # a TF_CONFIG that is not JSON or names no valid cluster
+            print(f"recsys-train: invalid TF_CONFIG: {exc}", file=sys.stderr)
+            return 2
         set_seeds(args.seed)
         result = run(dataset, args.model_store, args.name, options,
                      progress=lambda line: print(line, flush=True), strategy=distribution)
@@ -87,16 +90,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"wrote {result.version_dir}" if result.version_dir else
           "trained as a worker; the chief exports the model")
     return 0
-
-
-def strategy() -> Any:
-    """TensorFlow's multi-worker strategy when TF_CONFIG names a cluster, else none: every
-    worker runs this same command on the same data (see README, Deployment)."""
-    if not os.environ.get("TF_CONFIG"):
-        return None
-    import tensorflow as tf
-
-    return tf.distribute.MultiWorkerMirroredStrategy()
 
 
 def set_seeds(seed: int) -> None:

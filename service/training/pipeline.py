@@ -16,6 +16,7 @@ import tensorflow as tf
 from service.data.dataset import ITEM_ID, LABEL, USER_ID, Dataset, FeatureSpec
 from service.model_format import FORMAT_VERSION, RETRIEVAL_DOT, RETRIEVAL_EXHAUSTIVE, ModelSpec
 from service.training import evaluate, metrics
+from service.training.distribution import is_chief, worker_count, workers_note
 from service.training.example_input import (
     USERS_PER_SHARD,
     ExampleSource,
@@ -158,32 +159,6 @@ def example_source(train: pd.DataFrame, users: pd.DataFrame, items: pd.DataFrame
     users_per_shard = max(1, min(USERS_PER_SHARD, train[USER_ID].nunique() // workers))
     return write_shards(train, users, items, schema, scratch, options.train.seed,
                         users_per_shard)
-
-
-def cluster_spec(strategy: tf.distribute.Strategy) -> dict[str, Any]:
-    """The TF_CONFIG cluster of a multi-worker strategy; {} for one process."""
-    resolver = getattr(strategy, "cluster_resolver", None)
-    return dict(resolver.cluster_spec().as_dict()) if resolver is not None else {}
-
-
-def worker_count(strategy: tf.distribute.Strategy) -> int:
-    spec = cluster_spec(strategy)
-    return max(1, len(spec.get("chief", [])) + len(spec.get("worker", [])))
-
-
-def is_chief(strategy: tf.distribute.Strategy) -> bool:
-    spec = cluster_spec(strategy)
-    if not spec:
-        return True
-    resolver = strategy.cluster_resolver
-    has_chief = "chief" in spec
-    return bool(resolver.task_type == "chief"
-                or (not has_chief and resolver.task_type == "worker" and resolver.task_id == 0))
-
-
-def workers_note(strategy: tf.distribute.Strategy) -> str:
-    replicas = strategy.num_replicas_in_sync
-    return f" on {replicas} replicas ({type(strategy).__name__})" if replicas > 1 else ""
 
 
 def build_model(config: ModelConfig, schema: FeatureSchema) -> Recommender:

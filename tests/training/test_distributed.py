@@ -124,3 +124,14 @@ def test_two_workers_train_one_model_that_serves(tmp_path: Path, redis_url: str)
         answer = client.post("/v1/recommend", json={"user": {"id": "u3"}, "k": 5})
         assert answer.status_code == 200, answer.text
         assert len(answer.json()["items"]) == 5
+
+
+def test_an_invalid_tf_config_is_refused(tmp_path: Path) -> None:
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "TF_CONFIG": "{not json"}
+    done = subprocess.run([sys.executable, "-m", "service.training.cli", "--data", "synthetic",
+                           "--synthetic-users", "50", "--synthetic-items", "20",
+                           "--model-store", str(tmp_path)], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "invalid TF_CONFIG" in done.stderr
+    assert not any(tmp_path.iterdir())
