@@ -39,7 +39,7 @@ from typing import Any
 
 import httpx
 import redis
-from processes import clean_env, executable
+from processes import clean_env, executable, tail
 
 from service.redis_server import EmbeddedRedis, free_port
 
@@ -110,12 +110,6 @@ class Run:
 
 
 # ---- processes ----------------------------------------------------------------------------------
-
-def tail(path: Path, chars: int = 3000) -> str:
-    try:
-        return path.read_text(errors="replace")[-chars:]
-    except OSError:
-        return ""
 
 
 def train(store: Path, log_path: Path) -> None:

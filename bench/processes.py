@@ -46,3 +46,11 @@ def stop_tree(process: subprocess.Popen[bytes], timeout_s: float) -> None:
         with contextlib.suppress(psutil.Error):
             if child.is_running():
                 child.kill()
+
+
+def tail(path: Path, chars: int = 3000) -> str:
+    """The end of a log file (for an error message); "" when it cannot be read."""
+    try:
+        return path.read_text(errors="replace")[-chars:]
+    except OSError:
+        return ""

@@ -62,7 +62,7 @@ for path in (ROOT, BENCH):  # `python bench/quality.py` puts bench/, not the roo
         sys.path.insert(0, str(path))
 
 import peers  # noqa: E402  (bench/ is on sys.path)
-from processes import clean_env, executable, stop_tree  # noqa: E402
+from processes import clean_env, executable, stop_tree, tail  # noqa: E402
 
 from service.data.dataset import ITEM_ID, LABEL, TIMESTAMP, USER_ID, Dataset  # noqa: E402
 from service.data.load import load_dataset  # noqa: E402
@@ -513,12 +513,6 @@ def report_checks(runs: Sequence[SeedRun]) -> list[str]:
                          f"{json.dumps(detail, default=str)}")
     return lines
 
-
-def tail(path: Path, chars: int = 3000) -> str:
-    try:
-        return path.read_text(errors="replace")[-chars:]
-    except OSError:
-        return ""
 
 
 def to_json(value: Any) -> Any:

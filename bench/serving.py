@@ -52,7 +52,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `python bench/serving.py` puts bench/, not the root, on the path
     sys.path.insert(0, str(ROOT))
 
-from processes import clean_env, executable, stop_tree  # noqa: E402  (bench/ is on sys.path)
+from processes import clean_env, executable, stop_tree, tail  # noqa: E402  (bench/ is on sys.path)
 
 from service.model_format import (  # noqa: E402
     ASSETS_DIR,
@@ -260,12 +260,6 @@ class Server:
     def base_url(self) -> str:
         return f"http://{HOST}:{self.port}"
 
-
-def tail(path: Path, chars: int = 3000) -> str:
-    try:
-        return path.read_text(errors="replace")[-chars:]
-    except OSError:
-        return ""
 
 
 def start_server(label: str, name: str, workers: int, redis_url: str, workdir: Path,
