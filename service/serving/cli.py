@@ -9,6 +9,8 @@ a worker that dies is restarted, SIGTERM/SIGINT are passed on and drained.
 from __future__ import annotations
 
 import argparse
+import importlib.abc
+import importlib.machinery
 import logging
 import os
 import signal
@@ -66,9 +68,25 @@ def configuration_problem() -> str | None:
     return None
 
 
+class WithoutKeras(importlib.abc.MetaPathFinder):
+    """Keeps Keras out of the server process. `import tensorflow` imports Keras's optimizers
+    eagerly (so that Keras SavedModels can restore them) and refuses nothing when that import
+    fails; the service only loads tf.Module exports and never touches Keras, which weighs
+    about 200 MB of RSS and 500 modules per process (measured: 785 -> 583 MB)."""
+
+    def find_spec(self, name: str, path: Sequence[str] | None,
+                  target: object = None) -> importlib.machinery.ModuleSpec | None:
+        if name == "keras.src" or name.startswith("keras.src."):
+            raise ImportError(f"{name}: Keras is not used by the server process")
+        return None
+
+
 def serve(host: str, port: int, reuse_port: bool) -> int:
     """One server process. Exits 0 after a graceful stop (SIGTERM drains in-flight requests)."""
     import uvicorn
+
+    if "tensorflow" not in sys.modules:
+        sys.meta_path.insert(0, WithoutKeras())
 
     config = uvicorn.Config(APP, factory=True, host=host, port=port, access_log=False,
                             timeout_graceful_shutdown=DRAIN_TIMEOUT_S)
