@@ -73,7 +73,7 @@ class DataPlane:
         metadata = model.version.metadata
         return ModelDescription(
             name=model.name, version=model.number, created_at=metadata.get("created_at"),
-            item_count=len(model.item_ids), user_count=len(model.users),
+            item_count=model.item_count, user_count=len(model.users),
             embedding_dim=int(model.item_matrix.shape[1]), arch=model.spec.arch,
             retrieval=model.spec.retrieval, fingerprint=model.version.fingerprint,
             item_representations_source=model.source, data=metadata.get("data", {}),
@@ -96,7 +96,7 @@ class DataPlane:
             "model": ({"ok": True, "name": current.name, "version": current.number}
                       if current else {"ok": False, "error": self.manager.last_error
                                        or "loading"}),
-            "item_representations": ({"ok": True, "count": len(current.item_ids),
+            "item_representations": ({"ok": True, "count": current.item_count,
                                       "source": current.source}
                                      if current else {"ok": False}),
             "redis": {"ok": redis_ok} if redis_ok else {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import tensorflow as tf
 
@@ -33,6 +35,8 @@ from service.model_format import (
 )
 from service.serving.errors import ModelLoadError
 from service.serving.inputs import UserQuery, item_inputs, user_inputs
+from service.serving.item_index import AttributeIndex, ItemIndex, attribute_index
+from service.serving.users import StoredUser, read_users
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +54,9 @@ class ModelVersion:
     fingerprint: str
     metadata: dict[str, Any]
     spec: ModelSpec
-    items: pd.DataFrame
-    users: pd.DataFrame
+    item_index: ItemIndex
+    item_attributes: AttributeIndex
+    users: dict[str, StoredUser]
     user_tower: Any
     item_tower: Any
     score: Any
@@ -85,33 +90,79 @@ def check_signatures(saved_model: Any, spec: ModelSpec) -> None:
                                  f"{sorted(inputs)}")
 
 
-def read_tables(path: Path, spec: ModelSpec) -> tuple[pd.DataFrame, pd.DataFrame]:
+def read_tables(path: Path, spec: ModelSpec) -> tuple[pa.Table, dict[str, StoredUser]]:
+    """The item table's ids and filter attributes (its other features are read in batches
+    when the item matrix is computed), and the stored users."""
+    items_file, users_file = path / ASSETS_DIR / ITEMS_FILE, path / ASSETS_DIR / USERS_FILE
+    features = spec.item_features
+    user_features = list(spec.user_features.names)
     try:
-        # List columns (genres, tags) stay in Arrow: one Python list per item would cost
-        # ~200 MB at a million items.
-        items = pq.read_table(path / ASSETS_DIR / ITEMS_FILE).to_pandas(
-            types_mapper=lambda t: pd.ArrowDtype(t) if pa.types.is_list(t) else None)
-        users = pd.read_parquet(path / ASSETS_DIR / USERS_FILE)
+        missing = ({ITEM_ID, *features.names} - set(pq.read_schema(items_file).names)) | \
+                  ({USER_ID, HISTORY_COLUMN, *user_features} -
+                   set(pq.read_schema(users_file).names))
+        if missing:
+            raise ModelLoadError(f"asset tables lack columns {sorted(missing)}")
+        items = pq.read_table(items_file, columns=[ITEM_ID, *features.categorical,
+                                                   *features.multi])
+        users = read_users(users_file, user_features)
+    except ModelLoadError:
+        raise
     except Exception as exc:  # pyarrow raises many kinds for a damaged file
         raise ModelLoadError(f"unreadable asset table: {exc}") from exc
-    missing = ({ITEM_ID, *spec.item_features.names} - set(items.columns)) | \
-              ({USER_ID, HISTORY_COLUMN, *spec.user_features.names} - set(users.columns))
-    if missing:
-        raise ModelLoadError(f"asset tables lack columns {sorted(missing)}")
-    if items.empty:
+    if items.num_rows == 0:
         raise ModelLoadError("the item table is empty: nothing to recommend")
-    items[ITEM_ID] = items[ITEM_ID].astype(str)
-    users[USER_ID] = users[USER_ID].astype(str)
-    if not items[ITEM_ID].is_unique:
-        raise ModelLoadError("the item table has duplicate item ids")
-    return items.reset_index(drop=True), users
+    return items, users
+
+
+def index_items(items: pa.Table, spec: ModelSpec) -> tuple[ItemIndex, AttributeIndex]:
+    try:
+        ids = ItemIndex(item_ids(items.column(ITEM_ID)))
+        attributes = attribute_index(items, spec.item_features.categorical +
+                                     spec.item_features.multi)
+    except (ValueError, pa.ArrowException) as exc:
+        raise ModelLoadError(f"the item table is unusable: {exc}") from exc
+    return ids, attributes
+
+
+def item_ids(column: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
+    return pc.cast(column, pa.large_string())
+
+
+def item_batches(version: ModelVersion, batch_size: int) -> Iterator[tuple[int, pd.DataFrame]]:
+    """(first row, rows) of the item table with every feature, read batch by batch from the
+    version's Parquet file: a million items' features never sit in memory beside their
+    matrix. The ids must be the index's, in its order."""
+    names = [ITEM_ID, *version.spec.item_features.names]
+    start = 0
+    try:
+        batches = pq.ParquetFile(version.path / ASSETS_DIR / ITEMS_FILE).iter_batches(
+            batch_size, columns=names)
+        for batch in batches:
+            ids = version.item_index.ids.slice(start, batch.num_rows)
+            if not item_ids(batch.column(ITEM_ID)).equals(ids):
+                raise ModelLoadError(f"the item table changed on disk (rows from {start})")
+            frame = batch.to_pandas(types_mapper=arrow_lists)
+            frame[ITEM_ID] = ids.to_pylist()
+            yield start, frame
+            start += batch.num_rows
+    except (OSError, pa.ArrowException) as exc:
+        raise ModelLoadError(f"unreadable item table: {exc}") from exc
+    if start != len(version.item_index):
+        raise ModelLoadError(f"the item table changed on disk ({start} rows, "
+                             f"{len(version.item_index)} indexed)")
+
+
+def arrow_lists(kind: pa.DataType) -> pd.ArrowDtype | None:
+    # List columns (genres, tags) stay in Arrow: Python lists cost far more.
+    return pd.ArrowDtype(kind) if pa.types.is_list(kind) else None
 
 
 def warm_up(version: ModelVersion) -> None:
     """One call through every signature: catches wrong shapes now, and pays TF's first-call
     cost before the version takes traffic."""
     spec = version.spec
-    items = version.item_tower(**item_inputs(spec.item_features, version.items.head(2)))
+    _, first = next(item_batches(version, 2))
+    items = version.item_tower(**item_inputs(spec.item_features, first))
     item_matrix = items[ITEM_EMBEDDING].numpy()
     users = version.user_tower(**user_inputs(spec.user_features, spec.history_length,
                                              [UserQuery()]))[USER_EMBEDDING].numpy()
@@ -138,7 +189,12 @@ def load_version(name: str, version: int, path: Path) -> ModelVersion:
                              f"{str(exc)[:300]}") from exc
     check_signatures(saved_model, spec)
     items, users = read_tables(path, spec)
-    loaded = ModelVersion(name, version, path, fingerprint, metadata, spec, items, users,
+    item_index, attributes = index_items(items, spec)
+    del items
+    # Arrow keeps freed buffers in its pool (about 90 MB after a million items' columns).
+    pa.default_memory_pool().release_unused()
+    loaded = ModelVersion(name, version, path, fingerprint, metadata, spec, item_index,
+                          attributes, users,
                           saved_model.signatures[USER_TOWER], saved_model.signatures[ITEM_TOWER],
                           saved_model.signatures[SCORE], saved_model)
     try:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import gc
 import json
 import logging
@@ -10,18 +12,30 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from service.model_format import version_dirs
 from service.serving.errors import ModelLoadError
 from service.serving.item_cache import ItemMatrixCache, VersionedHash, VersionKey
 from service.serving.loader import ModelVersion, load_version
 from service.serving.metrics import Metrics
-from service.serving.servable import ServingModel, compute_item_matrix, ids_digest
+from service.serving.servable import ServingModel, compute_item_matrix
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+
+def _malloc_trim() -> Any:
+    """glibc's malloc_trim, or None (musl and macOS have none)."""
+    libc = ctypes.util.find_library("c")
+    return getattr(ctypes.CDLL(libc), "malloc_trim", None) if libc else None
+
+
+MALLOC_TRIM = _malloc_trim()
 
 
 @dataclass
@@ -93,7 +107,7 @@ class ModelManager:
 
     def _prepare(self, version: ModelVersion) -> ServingModel:
         started = time.monotonic()
-        digest = ids_digest(version.items["item_id"].tolist())
+        digest = version.item_index.digest
         key = version_key(version)
 
         def compute() -> np.ndarray:
@@ -103,9 +117,9 @@ class ModelManager:
             matrix, source = compute(), "computed"
         else:
             matrix, source = self.cache.get_or_compute(key, digest, compute)
-        if matrix.shape[0] != len(version.items):
+        if matrix.shape[0] != len(version.item_index):
             raise ModelLoadError(f"item matrix has {matrix.shape[0]} rows for "
-                                 f"{len(version.items)} items")
+                                 f"{len(version.item_index)} items")
         elapsed = time.monotonic() - started
         self.metrics.item_matrix_loads.labels(source).inc()
         self.metrics.item_matrix_seconds.labels(source).observe(elapsed)
@@ -139,7 +153,7 @@ class ModelManager:
         key = version_key(serving.version)
         missing = not self.cache.contains(key) and not self.cache.degraded
         if missing and self.cache.store(key, serving.item_matrix,
-                                        ids_digest(serving.item_ids.tolist())):
+                                        serving.item_index.digest):
             log.info("item matrix of version %d written to redis", serving.number)
 
     def _publish_users(self, serving: ServingModel) -> None:
@@ -149,16 +163,16 @@ class ModelManager:
         users = VersionedHash(self.cache.client, self.cache, "users")
         if users.is_complete(key) or self.cache.degraded:
             return
-        users.put_many(key, {str(r["user_id"]): json.dumps(
-            {k: _plain(v) for k, v in r.items()}, allow_nan=False).encode()
-            for r in serving.version.users.to_dict("records")})
+        users.put_many(key, {uid: json.dumps(
+            {k: _plain(v) for k, v in serving.user_record(uid).items()}, allow_nan=False).encode()
+            for uid in serving.users})
 
     def _switch(self, serving: ServingModel) -> None:
         previous, self.current = self.current, serving
-        if previous is not None:
-            # Requests still holding the old version finish on it; then its TF objects and
-            # matrix are garbage, and collecting now keeps memory flat across reloads.
-            gc.collect()
+        # Requests still holding the old version finish on it; then its TF objects and
+        # matrix are garbage. Collecting now, and handing the heap that loading used back to
+        # the OS, keeps memory flat across reloads.
+        release_memory()
         self.last_error = None
         self.metrics.model_loads.inc()
         if previous is not None:
@@ -166,8 +180,15 @@ class ModelManager:
                                            previous.version.fingerprint[:16])
         self.metrics.model_info.labels(serving.name, str(serving.number),
                                        serving.version.fingerprint[:16]).set(1)
-        self.metrics.items.set(len(serving.item_ids))
+        self.metrics.items.set(serving.item_count)
         log.info("serving model %s version %d", serving.name, serving.number)
+
+
+def release_memory() -> None:
+    gc.collect()
+    pa.default_memory_pool().release_unused()
+    if MALLOC_TRIM is not None:
+        MALLOC_TRIM(0)  # glibc keeps freed heap pages otherwise (about 25 MB at 1M items)
 
 
 def version_key(version: ModelVersion) -> VersionKey:

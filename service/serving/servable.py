@@ -6,25 +6,21 @@ instances, so a request that took a reference runs entirely on one version.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pandas as pd
-import pyarrow as pa
-import pyarrow.compute as pc
 import tensorflow as tf
 from numpy.typing import NDArray
 
-from service.data.dataset import ITEM_ID, USER_ID
+from service.data.dataset import USER_ID
 from service.model_format import HISTORY_COLUMN, ITEM_EMBEDDING, SCORE, USER_EMBEDDING
 from service.ranking import rank
 from service.serving.errors import InvalidFeature, UnknownFeature, UnknownFilter
-from service.serving.inputs import UserQuery, as_list, item_inputs, user_inputs
-from service.serving.loader import ModelVersion
+from service.serving.inputs import UserQuery, item_inputs, user_inputs
+from service.serving.loader import ModelVersion, item_batches
 
 # Stored users whose embeddings are kept (64 floats each: 1M users = 256 MB at most).
 USER_CACHE_SIZE = 1_000_000
@@ -32,73 +28,17 @@ USER_CACHE_SIZE = 1_000_000
 MAX_ABS_NUMERIC = 1e30
 
 
-def ids_digest(item_ids: Sequence[str]) -> str:
-    """Identifies the catalog order: a cached matrix is only valid for the same row order."""
-    digest = hashlib.sha256()
-    for item_id in item_ids:
-        digest.update(item_id.encode("utf-8", "surrogatepass"))
-        digest.update(b"\0")
-    return digest.hexdigest()
-
-
 def compute_item_matrix(version: ModelVersion, batch_size: int) -> NDArray[np.float32]:
     """Runs the item tower over the whole catalog in batches, straight into one array."""
     matrix: NDArray[np.float32] | None = None
-    for start in range(0, len(version.items), batch_size):
-        chunk = version.items.iloc[start:start + batch_size]
+    for start, chunk in item_batches(version, batch_size):
         out = version.item_tower(**item_inputs(version.spec.item_features, chunk))
         block = out[ITEM_EMBEDDING].numpy()
         if matrix is None:
-            matrix = np.empty((len(version.items), block.shape[1]), dtype=np.float32)
+            matrix = np.empty((len(version.item_index), block.shape[1]), dtype=np.float32)
         matrix[start:start + len(block)] = block
     assert matrix is not None, "an empty catalog is refused when the version loads"
     return matrix
-
-
-@dataclass(frozen=True)
-class StoredUser:
-    features: dict[str, Any]
-    history: tuple[str, ...]
-
-
-def attribute_index(version: ModelVersion) -> dict[str, dict[str, NDArray[np.int32]]]:
-    """attribute -> value -> item rows, for every categorical and multi-valued item feature.
-
-    Computed in Arrow (flatten, dictionary-encode, sort the codes), so a million items with
-    their genre lists never become Python objects."""
-    spec = version.spec.item_features
-    return {name: rows_by_value(as_arrow(version.items[name]))
-            for name in spec.categorical + spec.multi}
-
-
-def as_arrow(column: pd.Series) -> pa.Array:
-    array = pa.array(column, from_pandas=True)
-    return array.combine_chunks() if isinstance(array, pa.ChunkedArray) else array
-
-
-def rows_by_value(column: pa.Array) -> dict[str, NDArray[np.int32]]:
-    if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
-        values, rows = pc.list_flatten(column), pc.list_parent_indices(column)
-    else:
-        values, rows = column, pa.array(np.arange(len(column)))
-    encoded = pc.dictionary_encode(pc.cast(values, pa.string()))
-    codes = encoded.indices.to_numpy(zero_copy_only=False)
-    valid = ~np.asarray(encoded.indices.is_null().to_numpy(zero_copy_only=False))
-    codes, item_rows = codes[valid].astype(np.int64), rows.to_numpy()[valid].astype(np.int32)
-    order = np.argsort(codes, kind="stable")
-    bounds = np.searchsorted(codes[order], np.arange(len(encoded.dictionary) + 1))
-    return {str(value): item_rows[order[start:end]]
-            for value, start, end in zip(encoded.dictionary.to_pylist(), bounds[:-1],
-                                         bounds[1:], strict=True) if end > start}
-
-
-def stored_users(version: ModelVersion) -> dict[str, StoredUser]:
-    names = list(version.spec.user_features.names)
-    table = version.users
-    features = table[names].to_dict("records") if names else [{}] * len(table)
-    return {str(uid): StoredUser({str(k): v for k, v in f.items() if not _missing(v)},
-                                 tuple(str(i) for i in as_list(h)))
-            for uid, f, h in zip(table[USER_ID], features, table[HISTORY_COLUMN], strict=True)}
 
 
 def finite_number(name: str, value: Any) -> float:
@@ -138,10 +78,6 @@ class ScoreCall:
     rows: tuple[int, ...]
 
 
-def _missing(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
-
-
 class ServingModel:
     def __init__(self, version: ModelVersion, item_matrix: NDArray[np.float32], source: str,
                  rerank_depth: int) -> None:
@@ -150,15 +86,21 @@ class ServingModel:
         self.item_matrix = item_matrix
         self.source = source
         self.rerank_depth = rerank_depth
-        self.item_ids: NDArray[Any] = version.items[ITEM_ID].to_numpy(dtype=object)
-        # A pandas hash index, not a dict: about a third of the memory at a million ids.
-        self.item_index = pd.Index(self.item_ids)
-        self.attributes = attribute_index(version)
-        self.users = stored_users(version)
+        self.item_index = version.item_index
+        self.attributes = version.item_attributes
+        self.users = version.users
         self.embeddings: dict[str, NDArray[np.float32]] = {}
-        # The feature columns were needed for the item matrix and the indexes only; at 1M
-        # items their Python objects (genre lists) weigh about 200 MB.
-        version.items = version.items[[ITEM_ID]]
+
+    def user_record(self, user_id: str) -> dict[str, Any]:
+        """A stored user as published to Redis: id, history and every feature (None if
+        missing)."""
+        user = self.users[user_id]
+        return {USER_ID: user_id, HISTORY_COLUMN: list(user.history),
+                **{name: user.features.get(name) for name in self.spec.user_features.names}}
+
+    @property
+    def item_count(self) -> int:
+        return len(self.item_index)
 
     @property
     def name(self) -> str:
@@ -231,9 +173,7 @@ class ServingModel:
 
     def rows_of(self, item_ids: Sequence[str]) -> NDArray[np.intp]:
         """Catalog row of each id, -1 for an unknown one."""
-        if not item_ids:
-            return np.zeros(0, dtype=np.intp)
-        return self.item_index.get_indexer(pd.Index(np.asarray(item_ids, dtype=object)))
+        return self.item_index.rows_of(item_ids)
 
     def score_many(self, calls: Sequence[ScoreCall]) -> list[list[float]]:
         """Head scores per call: one user-tower call for all of them."""
@@ -246,7 +186,7 @@ class ServingModel:
         """Which catalog rows may be recommended (None: all of them)."""
         if not filters and not exclude_ids and not (exclude_seen and query.history):
             return None
-        mask = np.ones(len(self.item_ids), dtype=bool)
+        mask = np.ones(self.item_count, dtype=bool)
         for attribute, values in filters.items():
             index = self.attributes.get(attribute)
             if index is None:
@@ -270,12 +210,15 @@ class ServingModel:
         users = self.embed([c.query for c in calls])
         allowed = None
         if any(c.allowed is not None for c in calls):
-            allowed = np.ones((len(calls), len(self.item_ids)), dtype=bool)
+            allowed = np.ones((len(calls), self.item_count), dtype=bool)
             for row, call in enumerate(calls):
                 if call.allowed is not None:
                     allowed[row] = call.allowed
         indices, scores = rank(users, self.item_matrix, max(c.k for c in calls), self.head,
                                self.spec.retrieval, depth, allowed)
-        return [[(str(self.item_ids[i]), float(s))
-                 for i, s in zip(indices[row, :call.k], scores[row, :call.k], strict=True)
-                 if i >= 0] for row, call in enumerate(calls)]
+        results = []
+        for row, call in enumerate(calls):
+            found = indices[row, :call.k] >= 0
+            results.append(list(zip(self.item_index.ids_at(indices[row, :call.k][found]),
+                                    scores[row, :call.k][found].tolist(), strict=True)))
+        return results

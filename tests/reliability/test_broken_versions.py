@@ -69,6 +69,26 @@ def empty_catalog(version_dir: Path) -> None:
     pd.read_parquet(path).iloc[0:0].to_parquet(path, index=False)
 
 
+def rewrite_items(change: Callable[[pd.DataFrame], pd.DataFrame]) -> Callable[[Path], None]:
+    def breakage(version_dir: Path) -> None:
+        path = version_dir / "assets" / "items.parquet"
+        change(pd.read_parquet(path)).to_parquet(path, index=False)
+
+    return breakage
+
+
+def _duplicate_id(items: pd.DataFrame) -> pd.DataFrame:
+    items["item_id"] = items["item_id"].astype(object)
+    items.loc[len(items) - 1, "item_id"] = items.loc[0, "item_id"]
+    return items
+
+
+def _missing_id(items: pd.DataFrame) -> pd.DataFrame:
+    items["item_id"] = items["item_id"].astype(object)
+    items.loc[3, "item_id"] = None
+    return items
+
+
 @pytest.fixture(scope="module")
 def without_score_signature(tmp_path_factory: pytest.TempPathFactory,
                             model_store: Path) -> Path:
@@ -97,6 +117,9 @@ BREAKAGES: dict[str, Callable[[Path], None]] = {
     "wrong_dimension": wrong_dimension,
     "half_copied": half_copied,
     "empty_catalog": empty_catalog,
+    "duplicate_item_id": rewrite_items(_duplicate_id),
+    "missing_item_id": rewrite_items(_missing_id),
+    "missing_item_column": rewrite_items(lambda items: items.drop(columns=["category"])),
 }
 # What each refusal must say (in the log line and the reload answer).
 REASONS = {
@@ -105,6 +128,9 @@ REASONS = {
     "wrong_dimension": "gives dimension",
     "half_copied": "incomplete version directory",
     "empty_catalog": "item table is empty",
+    "duplicate_item_id": "appears more than once",
+    "missing_item_id": "1 item ids are missing",
+    "missing_item_column": "asset tables lack columns ['category']",
     "missing_signature": "signature 'score' is missing",
 }
 
