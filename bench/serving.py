@@ -18,6 +18,8 @@ Scenarios (--scenarios, default all):
        every (user, item) pair (user tower, item tower and head per pair)
     g  ready from Redis: a fresh 100k server while Redis holds its item matrix
     h  1M items: compute + write of the item matrix, ready time, recommend p50/p99, peak RSS
+    i  1M items with the approximate index (RECSYS_RETRIEVAL_INDEX=ivf): index build, recall@10
+       against h's exact answers for 300 users, recommend p50/p99
 
     .venv/bin/python bench/serving.py [--duration 10] [--scenarios a,b,f] [--skip-1m]
                                       [--json PATH] [--keep]
@@ -82,7 +84,8 @@ NAIVE_ITEM_BATCH = 8192
 WARMUP_S = 2.0
 GB = 1e9
 MB = 1e6
-ALL_SCENARIOS = "abcdefgh"
+ALL_SCENARIOS = "abcdefghi"
+RECALL_USERS = 300
 LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) (\w+) (\S+) \[[^\]]*\] (.*)$")
 
 
@@ -221,23 +224,29 @@ class RssSampler:
         self._stop.set()
         self._thread.join(timeout=5)
 
-    def serving_now(self) -> list[int]:
-        """Current RSS of the serving processes (as serving_peaks chooses them)."""
-        now: dict[int, int] = {}
+    def serving_now(self) -> tuple[list[int], list[int]]:
+        """Current RSS and USS of the serving processes (as serving_peaks chooses them). USS
+        is the memory only that process holds: RSS less the pages it shares, such as
+        TensorFlow's library code, which every worker maps."""
+        rss: dict[int, int] = {}
+        uss: dict[int, int] = {}
         with contextlib.suppress(psutil.Error):
             for proc in [self.root, *self.root.children(recursive=True)]:
                 with contextlib.suppress(psutil.Error):
-                    now[proc.pid] = proc.memory_info().rss
-        for pid, rss in now.items():
-            self.peak[pid] = max(self.peak.get(pid, 0), rss)
-        workers = [rss for pid, rss in now.items() if self.role.get(pid) == "worker"]
-        return sorted(workers, reverse=True) or [now.get(self.root.pid, 0)]
+                    memory = proc.memory_full_info()
+                    rss[proc.pid], uss[proc.pid] = memory.rss, memory.uss
+        for pid, value in rss.items():
+            self.peak[pid] = max(self.peak.get(pid, 0), value)
+        return self._serving(rss), self._serving(uss)
 
     def serving_peaks(self) -> list[int]:
         """Peak RSS of the processes that serve: the workers, or the main process when
         uvicorn runs the app in it (one worker)."""
-        workers = [rss for pid, rss in self.peak.items() if self.role.get(pid) == "worker"]
-        return sorted(workers, reverse=True) or [self.peak.get(self.root.pid, 0)]
+        return self._serving(self.peak)
+
+    def _serving(self, values: dict[int, int]) -> list[int]:
+        workers = [v for pid, v in values.items() if self.role.get(pid) == "worker"]
+        return sorted(workers, reverse=True) or [values.get(self.root.pid, 0)]
 
 
 @dataclass
@@ -337,6 +346,9 @@ def log_times(server: Server) -> dict[str, float]:
             times["matrix_start"] = at - float(items[2])
         elif message.startswith("serving model") and "serving" not in times:
             times["serving"] = at
+        built = re.search(r"approximate index .* built in ([\d.]+)s", message)
+        if built:
+            times["ann_built"] = float(built[1])
     return times
 
 
@@ -535,18 +547,19 @@ def mb(value: float) -> str:
 
 
 def rss_text(server: Server) -> str:
-    ready = server.extra.get("rss_at_ready_mb")
+    ready, uss = server.extra.get("rss_at_ready_mb"), server.extra.get("uss_at_ready_mb")
     return ("peak " + "/".join(mb(v) for v in server.rss.serving_peaks()) + " MB"
-            + (" (when ready " + "/".join(str(v) for v in ready) + " MB)" if ready else ""))
+            + (" (when ready " + "/".join(str(v) for v in ready) + " MB, USS "
+               + "/".join(str(v) for v in uss or []) + " MB)" if ready else ""))
 
 
 def run(args: argparse.Namespace, workdir: Path, rows: list[Row], raw: dict[str, Any],
         servers: list[Server], redis_box: list[EmbeddedRedis]) -> None:
     wanted = set(args.scenarios)
     if args.skip_1m:
-        wanted.discard("h")
+        wanted -= {"h", "i"}
     v100 = ensure_100k(workdir, args.copy_100k_from)
-    v1m = ensure_1m(v100) if "h" in wanted else None
+    v1m = ensure_1m(v100) if wanted & {"h", "i"} else None
     print(f"models: {v100}" + (f", {v1m}" if v1m else ""), flush=True)
 
     redis = EmbeddedRedis().start()
@@ -563,7 +576,9 @@ def run(args: argparse.Namespace, workdir: Path, rows: list[Row], raw: dict[str,
         server = start_server(label, name, workers, redis.url, workdir, log_level, **settings)
         servers.append(server)
         wait_ready(server, timeout_s)
-        server.extra["rss_at_ready_mb"] = [round(v / MB) for v in server.rss.serving_now()]
+        rss, uss = server.rss.serving_now()
+        server.extra["rss_at_ready_mb"] = [round(v / MB) for v in rss]
+        server.extra["uss_at_ready_mb"] = [round(v / MB) for v in uss]
         print(f"  {label}: ready after {server.ready_s:.1f}s (app up after "
               f"{num(server.health_s)}s)", flush=True)
         return server
@@ -688,6 +703,7 @@ def run(args: argparse.Namespace, workdir: Path, rows: list[Row], raw: dict[str,
         rows.append(Row("", "peak RSS", "100k w1", other=rss_text(server)))
 
     # -- 1M items: h --------------------------------------------------------------------------
+    exact: list[list[tuple[str, float]]] | None = None
     if "h" in wanted:
         print("h: 1M items, 1 worker (computes and writes the item matrix)", flush=True)
         server = launch("1m-w1", NAME_1M, 1, timeout_s=READY_TIMEOUT_1M_S)
@@ -702,6 +718,7 @@ def run(args: argparse.Namespace, workdir: Path, rows: list[Row], raw: dict[str,
             report = raw["h"] = load(server, "recommend", 1, duration, items=ITEMS_1M, seed=4)
             rows.append(load_row("h", "1M: recommend k=10", config, report, "p50<=15",
                                  report["errors"] == 0 and le(report["p50_ms"], 15)))
+            exact = recommendations(server, RECALL_USERS)
         finally:
             finish(server)
         peak = max(server.rss.serving_peaks())
@@ -709,14 +726,68 @@ def run(args: argparse.Namespace, workdir: Path, rows: list[Row], raw: dict[str,
         rows.append(Row("h", "1M: peak RSS", config, other=rss_text(server),
                         target="<=1.2 GB", result=verdict(peak <= 1.2 * GB)))
 
+    # -- 1M items, approximate index: i -------------------------------------------------------
+    if "i" in wanted:
+        if exact is None:
+            print("i: 1M items, exact answers first", flush=True)
+            server = launch("1m-exact", NAME_1M, 1, timeout_s=READY_TIMEOUT_1M_S)
+            try:
+                exact = recommendations(server, RECALL_USERS)
+            finally:
+                finish(server)
+        print("i: 1M items with RECSYS_RETRIEVAL_INDEX=ivf (matrix in Redis)", flush=True)
+        server = launch("1m-ivf", NAME_1M, 1, timeout_s=READY_TIMEOUT_1M_S, log_level="INFO",
+                        RECSYS_RETRIEVAL_INDEX="ivf")
+        config = "1M w1 ivf"
+        try:
+            built = log_times(server).get("ann_built")
+            rows.append(Row("i", "1M ANN: ready", config, other=(
+                f"index built in {num(built, 1)} s; ready {num(server.ready_s)} s after start")))
+            approximate = recommendations(server, RECALL_USERS)
+            recall, by_id = recall_at_k(exact, approximate)
+            raw["i_recall"] = {"tie_aware": recall, "by_id": by_id, "users": RECALL_USERS}
+            rows.append(Row("i", "1M ANN: recall@10 vs exact", config, other=(
+                f"{recall:.4f} over {RECALL_USERS} users (same ids: {by_id:.4f})"),
+                target=">=0.95", result=verdict(recall >= 0.95)))
+            report = raw["i"] = load(server, "recommend", 1, duration, items=ITEMS_1M, seed=4)
+            rows.append(load_row("i", "1M ANN: recommend k=10", config, report, "p50<=5",
+                                 report["errors"] == 0 and le(report["p50_ms"], 5)))
+        finally:
+            finish(server)
+        rows.append(Row("i", "1M ANN: peak RSS", config, other=rss_text(server)))
+
+
+def recommendations(server: Server, users: int) -> list[list[tuple[str, float]]]:
+    """/v1/recommend k=10 for users u1..u<users>, in order."""
+    answers = []
+    with httpx.Client(base_url=server.base_url, timeout=30.0) as client:
+        for n in range(1, users + 1):
+            response = client.post("/v1/recommend", json={"user": {"id": f"u{n}"}, "k": 10})
+            response.raise_for_status()
+            answers.append([(i["item_id"], i["score"]) for i in response.json()["items"]])
+    return answers
+
+
+def recall_at_k(exact: list[list[tuple[str, float]]],
+                approximate: list[list[tuple[str, float]]]) -> tuple[float, float]:
+    """(tie-aware recall, recall by id). Tie-aware: an approximate item counts when its score
+    reaches the exact k-th score, since among equal scores any is as right (the 1M catalog
+    repeats the 100k catalog's feature rows, so many items score the same)."""
+    aware, by_id = [], []
+    for want, got in zip(exact, approximate, strict=True):
+        kth = want[-1][1]
+        aware.append(sum(score >= kth - 1e-6 for _, score in got) / len(want))
+        by_id.append(len({i for i, _ in got} & {i for i, _ in want}) / len(want))
+    return sum(aware) / len(aware), sum(by_id) / len(by_id)
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=10.0,
                         help="measured seconds per load scenario (default 10)")
     parser.add_argument("--scenarios", default=",".join(ALL_SCENARIOS),
-                        help="comma list out of a..h (default all)")
-    parser.add_argument("--skip-1m", action="store_true", help="leave out scenario h")
+                        help="comma list out of a..i (default all)")
+    parser.add_argument("--skip-1m", action="store_true", help="leave out scenarios h and i")
     parser.add_argument("--json", type=Path, help="write every raw figure here")
     parser.add_argument("--keep", action="store_true", help="keep the logs' temporary directory")
     parser.add_argument("--copy-100k-from", type=Path, default=None,

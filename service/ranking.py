@@ -19,6 +19,8 @@ from service.model_format import RETRIEVAL_DOT
 
 # head(user_embeddings [U, d], item_embeddings [U, M, d]) -> scores [U, M]
 HeadFn = Callable[[NDArray[np.float32], NDArray[np.float32]], NDArray[np.float32]]
+# propose(user_embeddings [U, d], n) -> about the n best items by u·c per user [U, n], -1 padded
+ProposeFn = Callable[[NDArray[np.float32], int], NDArray[np.int64]]
 
 
 # Below this many columns a plain partial selection is as fast as anything.
@@ -100,16 +102,22 @@ def inner_products(users: NDArray[np.float32], items: NDArray[np.float32]
 
 def rank(user_embeddings: NDArray[np.float32], item_matrix: NDArray[np.float32], k: int,
          head: HeadFn, retrieval: str = RETRIEVAL_DOT, depth: int = 200,
-         allowed: NDArray[np.bool_] | None = None,
+         allowed: NDArray[np.bool_] | None = None, propose: ProposeFn | None = None,
          ) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
     """The k best items per user: item indices [U, k] and head scores [U, k].
 
     ``allowed`` [U, N] (or [N]) masks out excluded or filtered items. Slots with no allowed item
     left have index -1 and score -inf. With dot retrieval the best max(depth, k) items by u·c
     are reranked by the head; "exhaustive" retrieval scores every item with the head.
+    ``propose`` (an approximate index) replaces the exact u·c retrieval, unless its candidates
+    leave some user fewer than k allowed items.
     """
     n_users, n_items = user_embeddings.shape[0], item_matrix.shape[0]
-    if retrieval == RETRIEVAL_DOT:
+    proposed = (proposed_candidates(propose, user_embeddings, max(depth, k), k, allowed)
+                if propose is not None and retrieval == RETRIEVAL_DOT else None)
+    if proposed is not None:
+        candidates, valid = proposed
+    elif retrieval == RETRIEVAL_DOT:
         coarse = inner_products(user_embeddings, item_matrix)
         if allowed is not None:
             np.copyto(coarse, np.float32(-np.inf), where=~allowed)  # in place: no [U, N] copy
@@ -125,3 +133,19 @@ def rank(user_embeddings: NDArray[np.float32], item_matrix: NDArray[np.float32],
     scores = np.take_along_axis(fine, best, axis=1)
     indices = np.where(np.isfinite(scores), np.take_along_axis(candidates, best, axis=1), -1)
     return indices, scores
+
+
+def proposed_candidates(propose: ProposeFn, user_embeddings: NDArray[np.float32], n: int,
+                        k: int, allowed: NDArray[np.bool_] | None,
+                        ) -> tuple[NDArray[np.int64], NDArray[np.bool_]] | None:
+    """An approximate index's candidates and which of them are allowed; None when some user
+    would be left with fewer than k (a narrow filter): the exact retrieval then runs."""
+    candidates = propose(user_embeddings, n)
+    valid = candidates >= 0
+    candidates = np.where(valid, candidates, 0)
+    if allowed is not None:
+        mask = np.broadcast_to(allowed, (len(candidates), allowed.shape[-1]))
+        valid &= np.take_along_axis(mask, candidates, axis=1)
+    if (valid.sum(axis=1) < k).any():
+        return None
+    return candidates, valid

@@ -43,6 +43,11 @@ class Settings(BaseSettings):
     """Largest request body accepted (413 beyond); 10,000 ids of 256 characters fit."""
     rerank_depth: int = Field(200, ge=1)
     """How many items retrieval by u·c passes to the head for reranking."""
+    retrieval_index: Literal["exact", "ivf"] = "exact"
+    """How retrieval by u·c finds its candidates: "exact" scores every item; "ivf" asks an
+    approximate Faiss index (for catalogs of about a million items and more)."""
+    ann_nprobe: int = Field(32, ge=1)
+    """Lists of the approximate index searched per user: more is slower and closer to exact."""
     batch_max_size: int = Field(32, ge=1)
     """Most concurrent requests computed together (one matrix product); 1 turns batching off."""
     batch_timeout_us: int = Field(0, ge=0)

@@ -52,3 +52,38 @@ def test_parallel_inner_products_equal_the_plain_product() -> None:
     users = rng.standard_normal((8, 16)).astype(np.float32)
     items = rng.standard_normal((PARALLEL_MIN_ITEMS + 123, 16)).astype(np.float32)
     assert np.allclose(inner_products(users, items), users @ items.T, atol=1e-5)
+
+
+def test_rank_with_proposed_candidates_and_its_fallback() -> None:
+    """A proposer's candidates replace the exact retrieval, padded slots and disallowed items
+    dropped; when they leave a user fewer than k allowed items, the exact retrieval runs."""
+    rng = np.random.default_rng(5)
+    users = rng.standard_normal((3, 8)).astype(np.float32)
+    items = rng.standard_normal((400, 8)).astype(np.float32)
+
+    def head(u: np.ndarray, c: np.ndarray) -> np.ndarray:
+        return np.einsum("ud,umd->um", u, c)
+
+    allowed = rng.random((3, 400)) > 0.2
+    exact = rank(users, items, 10, head, RETRIEVAL_DOT, depth=50, allowed=allowed)
+    best = np.argsort(-(users @ items.T), axis=1, kind="stable")
+
+    def perfect(u: np.ndarray, n: int) -> np.ndarray:
+        return np.concatenate([best[:, :n - 5], np.full((3, 5), -1)], axis=1)
+
+    # The top 45 by u·c hold the top 10 of the head (which is u·c here).
+    got = rank(users, items, 10, head, RETRIEVAL_DOT, depth=50, allowed=allowed,
+               propose=perfect)
+    assert np.array_equal(got[0], exact[0]) and np.allclose(got[1], exact[1])
+
+    calls: list[int] = []
+
+    def poor(u: np.ndarray, n: int) -> np.ndarray:
+        calls.append(n)
+        return np.tile(np.arange(12), (3, 1))  # some of these 12 are not allowed
+
+    assert (~allowed[:, :12]).any(axis=1).any()
+    fallback = rank(users, items, 10, head, RETRIEVAL_DOT, depth=50, allowed=allowed,
+                    propose=poor)
+    assert calls == [50]
+    assert np.array_equal(fallback[0], exact[0])

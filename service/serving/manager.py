@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from service.model_format import version_dirs
+from service.model_format import RETRIEVAL_DOT, version_dirs
+from service.serving.ann import ApproximateIndex
 from service.serving.errors import ModelLoadError
 from service.serving.item_cache import ItemMatrixCache, VersionedHash, VersionKey
 from service.serving.loader import ModelVersion, load_version
@@ -107,6 +108,7 @@ class ModelManager:
 
     def _prepare(self, version: ModelVersion) -> ServingModel:
         started = time.monotonic()
+        release_memory()  # what reading the tables left behind, before the matrix comes
         digest = version.item_index.digest
         key = version_key(version)
 
@@ -126,10 +128,22 @@ class ModelManager:
         log.info("model %s version %d: %d item representations %s in %.2fs", version.name,
                  version.version, len(matrix), "read from redis" if source == "redis"
                  else "computed", elapsed)
-        serving = ServingModel(version, matrix, source, self.settings.rerank_depth)
+        serving = ServingModel(version, matrix, source, self.settings.rerank_depth,
+                               self._approximate_index(version, matrix))
         if self.cache is not None:
             self._publish_users(serving)
         return serving
+
+    def _approximate_index(self, version: ModelVersion,
+                           matrix: np.ndarray) -> ApproximateIndex | None:
+        if self.settings.retrieval_index != "ivf" or version.spec.retrieval != RETRIEVAL_DOT:
+            return None
+        started = time.monotonic()
+        index = ApproximateIndex(matrix, self.settings.ann_nprobe)
+        log.info("model %s version %d: approximate index of %d lists (nprobe %d) built in "
+                 "%.2fs", version.name, version.version, index.lists, index.index.nprobe,
+                 time.monotonic() - started)
+        return index
 
     def settle_cache(self) -> None:
         """Checks Redis (each maintenance tick): logs and exports whether it answers, and puts

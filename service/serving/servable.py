@@ -18,6 +18,7 @@ from numpy.typing import NDArray
 from service.data.dataset import USER_ID
 from service.model_format import HISTORY_COLUMN, ITEM_EMBEDDING, SCORE, USER_EMBEDDING
 from service.ranking import rank
+from service.serving.ann import ApproximateIndex
 from service.serving.errors import InvalidFeature, UnknownFeature, UnknownFilter
 from service.serving.inputs import UserQuery, item_inputs, user_inputs
 from service.serving.loader import ModelVersion, item_batches
@@ -80,12 +81,13 @@ class ScoreCall:
 
 class ServingModel:
     def __init__(self, version: ModelVersion, item_matrix: NDArray[np.float32], source: str,
-                 rerank_depth: int) -> None:
+                 rerank_depth: int, approximate: ApproximateIndex | None = None) -> None:
         self.version = version
         self.spec = version.spec
         self.item_matrix = item_matrix
         self.source = source
         self.rerank_depth = rerank_depth
+        self.approximate = approximate
         self.item_index = version.item_index
         self.attributes = version.item_attributes
         self.users = version.users
@@ -215,7 +217,8 @@ class ServingModel:
                 if call.allowed is not None:
                     allowed[row] = call.allowed
         indices, scores = rank(users, self.item_matrix, max(c.k for c in calls), self.head,
-                               self.spec.retrieval, depth, allowed)
+                               self.spec.retrieval, depth, allowed,
+                               self.approximate.search if self.approximate else None)
         results = []
         for row, call in enumerate(calls):
             found = indices[row, :call.k] >= 0
