@@ -15,6 +15,7 @@ from numpy.typing import NDArray
 
 # k-means on a sample: Faiss asks for at least 39 points per list, more buys little.
 TRAIN_POINTS_PER_LIST = 40
+ADD_ROWS = 65536
 
 
 class ApproximateIndex:
@@ -31,7 +32,8 @@ class ApproximateIndex:
         sample = np.random.default_rng(seed).choice(
             count, min(count, self.lists * TRAIN_POINTS_PER_LIST), replace=False)
         self.index.train(np.ascontiguousarray(matrix[np.sort(sample)]))
-        self.index.add(np.ascontiguousarray(matrix))
+        for start in range(0, count, ADD_ROWS):  # in blocks: Faiss's buffers grow with a call
+            self.index.add(np.ascontiguousarray(matrix[start:start + ADD_ROWS]))
         self.index.nprobe = min(nprobe, self.lists)
         self._quantizer = quantizer  # the index does not own it from Python's side
 
