@@ -64,6 +64,8 @@ class RunOptions:
     # Stream the training examples from Parquet shards on disk instead of holding them in
     # memory (example_input.py); always on under a multi-worker strategy.
     stream_examples: bool = False
+    # Export several members fused even when validation prefers one of them alone.
+    always_fuse: bool = False
 
 
 @dataclass
@@ -135,14 +137,10 @@ def _run(dataset: Dataset, store: Path, name: str, options: RunOptions,
         return trainer.fit(source, validate, monitor, progress)
 
     members, fitted = train_members(first, options, schema, strategy, train, progress)
-    model = fuse(members)
     if not is_chief(strategy):
-        return RunResult(None, {}, "", model, encoded)
-    validated = validate(model)
-    if len(members) > 1:
-        alone = ", ".join(f"{best_value(r, monitor):.4f}" for r in fitted)
-        progress(f"{len(members)} members fused: {monitor}={validated[monitor]:.4f} "
-                 f"(each alone: {alone})")
+        return RunResult(None, {}, "", fuse(members), encoded)
+    model, validated, kept = fuse_if_better(members, fitted, validate, monitor,
+                                            options.always_fuse, progress)
     test = evaluate.make_eval_set(
         split.test_items, known_for_test, dataset.interactions,
         split.test if dataset.has_labels else None, catalog, schema, options.train.seed)
@@ -165,7 +163,8 @@ def _run(dataset: Dataset, store: Path, name: str, options: RunOptions,
                        embedding_dim(model), options.history_length, dataset.user_features,
                        item_spec),
         items=items, users=user_table(dataset.users, histories(known_for_test)),
-        metadata=metadata(dataset, item_spec, split, options, results, validated, fitted),
+        metadata=metadata(dataset, item_spec, split, options, results, validated, fitted,
+                          kept),
         extra_files=learning_curves(fitted))
     version_dir = export_version(bundle, store, name)
     progress(f"exported {version_dir}")
@@ -195,6 +194,30 @@ def train_members(first: Recommender, options: RunOptions, schema: FeatureSchema
             progress(f"member {index + 1}/{count} (seed {seed})")
         fitted.append(train(members[index], seed))
     return members, fitted
+
+
+def fuse_if_better(members: list[Recommender], fitted: list[TrainResult],
+                   validate: Callable[[Recommender], dict[str, float]], monitor: str,
+                   always: bool = False, progress: Callable[[str], None] = print,
+                   ) -> tuple[Recommender, dict[str, float], list[int]]:
+    """The members fused, unless the best member alone scores at least as well on validation
+    (``monitor``): then that member, at half the serving cost. An unlucky member (one that
+    early stopping cut short) can drag the fusion below its partner. Returns the model, its
+    validation metrics and the indices of the members it holds."""
+    fused = fuse(members)
+    validated = validate(fused)
+    if len(members) == 1:
+        return fused, validated, [0]
+    alone = [best_value(r, monitor) for r in fitted]
+    best = max(range(len(alone)), key=lambda i: -np.inf if np.isnan(alone[i]) else alone[i])
+    shown = ", ".join(f"{v:.4f}" for v in alone)
+    if always or validated[monitor] > alone[best]:
+        progress(f"{len(members)} members fused: {monitor}={validated[monitor]:.4f} "
+                 f"(each alone: {shown})")
+        return fused, validated, list(range(len(members)))
+    progress(f"kept member {best + 1} alone: {monitor}={alone[best]:.4f}, fused "
+             f"{validated[monitor]:.4f} (each alone: {shown})")
+    return members[best], validate(members[best]), [best]
 
 
 def best_value(fitted: TrainResult, monitor: str) -> float:
@@ -260,7 +283,7 @@ def curves_png(history: dict[str, list[float]]) -> bytes:
 
 def metadata(dataset: Dataset, item_spec: FeatureSpec, split: Split, options: RunOptions,
              results: dict[str, dict[str, float]], validated: dict[str, float],
-             fitted: list[TrainResult]) -> dict[str, Any]:
+             fitted: list[TrainResult], kept: list[int]) -> dict[str, Any]:
     return {
         "format_version": FORMAT_VERSION,
         "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -280,13 +303,13 @@ def metadata(dataset: Dataset, item_spec: FeatureSpec, split: Split, options: Ru
                      "seconds": round(sum(r.seconds for r in fitted), 1),
                      "members": [{"seed": member_seed(options.train.seed, n),
                                   "best_epoch": r.best_epoch, "seconds": round(r.seconds, 1),
-                                  "validation": best_validation(r)}
+                                  "validation": best_validation(r), "exported": n in kept}
                                  for n, r in enumerate(fitted)],
                      "tensorflow": tf.__version__, "rerank_depth": options.rerank_depth},
         "evaluation": {"protocol": "leave-last-out by time; sampled = 99 uniform negatives; "
                                    "full = whole catalog minus the user's training items",
                        "test_users": len(split.test_items),
-                       # The exported model (all members fused) on the validation split.
+                       # The exported model (the members it holds fused) on validation.
                        "validation": {k.removeprefix("val_"): none_if_nan(v)
                                       for k, v in validated.items()},
                        "metrics": {k: {m: none_if_nan(v) for m, v in r.items()}

@@ -26,8 +26,10 @@ def train_implicit(store: Path, dataset: Dataset, members: int | None):  # type:
     from service.training.trainer import TrainConfig
 
     keras.utils.set_random_seed(0)
+    # always_fuse: whether tiny data's validation prefers the fusion is a coin toss.
     options = RunOptions(model=ModelConfig(members=members),
-                         train=TrainConfig(epochs=2, batch_size=256), history_length=10)
+                         train=TrainConfig(epochs=2, batch_size=256), history_length=10,
+                         always_fuse=True)
     return run(implicit(dataset), store, "default", options, progress=lambda _line: None)
 
 

@@ -24,7 +24,8 @@ from service.training.model import (
     fuse,
     members_for,
 )
-from service.training.pipeline import MEMBER_SEED_STRIDE
+from service.training.pipeline import MEMBER_SEED_STRIDE, fuse_if_better
+from service.training.trainer import TrainResult
 from tests.training.conftest import train_implicit
 
 LENGTH = 6
@@ -83,6 +84,31 @@ def test_one_member_is_returned_as_it_is(members: list[Recommender]) -> None:
     assert fuse(members[:1]) is members[0]
 
 
+def fitted(monitored: float) -> TrainResult:
+    return TrainResult(history={"val_full_ndcg@10": [0.0, monitored, 0.0]}, best_epoch=2)
+
+
+@pytest.mark.parametrize(("fused_value", "kept"), [(0.30, [0, 1]), (0.25, [1]), (0.20, [1])])
+def test_the_fusion_is_kept_only_when_validation_prefers_it(
+        members: list[Recommender], fused_value: float, kept: list[int]) -> None:
+    """Fused members must beat the best member alone on validation, else that member is
+    exported alone (ties too: it serves at half the cost)."""
+
+    def validate(model: Recommender) -> dict[str, float]:
+        fused = model.item_tower.output_dim > members[0].item_tower.output_dim
+        return {"val_full_ndcg@10": fused_value if fused else -1.0}
+
+    model, _validated, chosen = fuse_if_better(members, [fitted(0.2), fitted(0.25)], validate,
+                                               "val_full_ndcg@10", progress=lambda _line: None)
+    assert chosen == kept
+    assert model.item_tower.output_dim == 8 * len(kept)
+    if kept == [1]:
+        assert model is members[1]
+    forced = fuse_if_better(members, [fitted(0.2), fitted(0.25)], validate,
+                            "val_full_ndcg@10", always=True, progress=lambda _line: None)
+    assert forced[2] == [0, 1]
+
+
 def test_the_data_chooses_the_number_of_members() -> None:
     assert members_for(ARCH_INTERACTION, has_labels=False) == 2
     assert members_for(ARCH_INTERACTION, has_labels=True) == 1
@@ -102,6 +128,7 @@ def test_implicit_data_trains_two_members_by_default(trained_fused) -> None:  # 
     assert metadata["model"]["embedding_dim"] == 2 * ModelConfig().embedding_dim
     assert "full_ndcg@10" in metadata["evaluation"]["validation"]
     assert (path / "learning_curves.png").is_file() and (path / "learning_curves_2.png").is_file()
+    assert [m["exported"] for m in training["members"]] == [True, True]
 
 
 def test_the_first_member_is_the_one_member_model(tmp_path, synthetic_dataset,  # type: ignore[no-untyped-def]
