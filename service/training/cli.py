@@ -10,7 +10,7 @@ from pathlib import Path
 
 from service.data.dataset import Dataset
 from service.data.errors import DataError
-from service.training.model import ARCH_INTERACTION, ARCHS, ModelConfig
+from service.training.model import ARCH_INTERACTION, ARCH_SEED, ARCHS, ModelConfig
 from service.training.trainer import TrainConfig
 
 DEFAULT_SYNTHETIC_USERS = 20_000
@@ -34,6 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--learning-rate", type=float, default=TrainConfig.learning_rate)
     parser.add_argument("--embedding-dim", type=int, default=ModelConfig.embedding_dim)
     parser.add_argument("--history-length", type=int, default=50)
+    parser.add_argument("--members", type=int, default=None,
+                        help="independently trained models fused into the one exported "
+                             "(default: 2 for implicit feedback, 1 with explicit negatives "
+                             "and for --arch seed)")
     parser.add_argument("--stream", action="store_true",
                         help="stream the training examples from Parquet shards on disk instead "
                              "of holding them in memory (always on when TF_CONFIG is set)")
@@ -61,6 +65,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         for flag in ("epochs", "synthetic_users", "synthetic_items", "batch_size",
                      "embedding_dim", "history_length"):
             positive(getattr(args, flag), "--" + flag.replace("_", "-"))
+        if args.members is not None:
+            positive(args.members, "--members")
+            if args.arch == ARCH_SEED and args.members > 1:
+                raise DataError("--arch seed is the write-up's single model: --members must be 1")
         print(f"loading {args.data} ...", flush=True)
         dataset = load(args)
         print(f"{dataset.name}: {dataset.interactions['user_id'].nunique()} users, "
@@ -68,7 +76,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Imported late: TensorFlow takes seconds to import, the errors above should not wait.
         from service.training.pipeline import RunOptions, run
         options = RunOptions(
-            model=ModelConfig(arch=args.arch, embedding_dim=args.embedding_dim),
+            model=ModelConfig(arch=args.arch, embedding_dim=args.embedding_dim,
+                              members=args.members),
             train=TrainConfig(epochs=args.epochs, batch_size=args.batch_size,
                               learning_rate=args.learning_rate, seed=args.seed),
             history_length=args.history_length, stream_examples=args.stream)

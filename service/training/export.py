@@ -107,8 +107,8 @@ class ServingModule(tf.Module):
                      **self.user_encoder.specs()}
         item_spec = {"item_id": tf.TensorSpec([None], tf.string, "item_id"),
                      **self.item_encoder.specs()}
-        user_dim = int(model.user_tower.layers_out[-1].units)
-        item_dim = int(model.item_tower.layers_out[-1].units)
+        user_dim = int(model.user_tower.output_dim)
+        item_dim = int(model.item_tower.output_dim)
         self.user_tower = tf.function(self._user_tower, input_signature=[user_spec])
         self.item_tower = tf.function(self._item_tower, input_signature=[item_spec])
         self.score = tf.function(self._score, input_signature=[

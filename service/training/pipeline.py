@@ -1,4 +1,5 @@
-"""One training run: split, features, train, evaluate beside the baselines, export."""
+"""One training run: split, features, train (one model or several fused into one), evaluate
+beside the baselines, export."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import keras
 import numpy as np
 import pandas as pd
 import tensorflow as tf
@@ -37,7 +39,9 @@ from service.training.model import (
     ModelConfig,
     Recommender,
     build_recommender,
+    fuse,
     history_encoder_for,
+    members_for,
 )
 from service.training.report import format_table, plot_learning_curves
 from service.training.split import Split, leave_last_out, sort_by_time
@@ -46,6 +50,9 @@ from service.training.trainer import TrainConfig, Trainer, TrainResult
 LABELLED_HOLDOUT_FRACTION = 0.2
 VALIDATION_USERS = 2000
 COLUMNS = ["sampled_hr@10", "sampled_ndcg@10", "full_hr@10", "full_ndcg@10", "auc", "logloss"]
+# Member i of an ensemble trains with seed + i * MEMBER_SEED_STRIDE (member 0 with the run's
+# seed, so it is the model a one-member run trains).
+MEMBER_SEED_STRIDE = 1000
 
 
 @dataclass(frozen=True)
@@ -57,6 +64,8 @@ class RunOptions:
     # Stream the training examples from Parquet shards on disk instead of holding them in
     # memory (example_input.py); always on under a multi-worker strategy.
     stream_examples: bool = False
+    # Export several members fused even when validation prefers one of them alone.
+    always_fuse: bool = False
 
 
 @dataclass
@@ -92,6 +101,9 @@ def _run(dataset: Dataset, store: Path, name: str, options: RunOptions,
     if options.model.history_encoder is None:
         options = replace(options, model=replace(
             options.model, history_encoder=history_encoder_for(dataset.has_labels)))
+    if options.model.members is None:
+        options = replace(options, model=replace(
+            options.model, members=members_for(options.model.arch, dataset.has_labels)))
     fraction = LABELLED_HOLDOUT_FRACTION if dataset.has_labels else 0.0
     split = leave_last_out(dataset.interactions, fraction)
     progress(f"split: {len(split.train)} train, {len(split.validation)} validation, "
@@ -104,23 +116,31 @@ def _run(dataset: Dataset, store: Path, name: str, options: RunOptions,
     encoded = encode_tables(schema, dataset.users, items)
     catalog = pd.Index(items[ITEM_ID])
     with strategy.scope():
-        model = build_model(options.model, schema)
+        first = build_model(options.model, schema)
     known_for_test = pd.concat([split.train, split.validation], ignore_index=True)
     validation = evaluate.make_eval_set(
         split.validation_items, split.train, dataset.interactions,
         split.validation if dataset.has_labels else None, catalog, schema,
         options.train.seed, max_users=VALIDATION_USERS)
-    trainer = Trainer(model, options.train, encoded.user_features, encoded.item_features,
-                      dataset.has_labels, strategy)
     source = example_source(split.train, dataset.users, items, schema, options, strategy,
                             scratch)
     monitor = "val_auc" if dataset.has_labels else "val_full_ndcg@10"
     progress(f"training {options.model.arch} on {source.rows} examples"
              f"{workers_note(strategy)}")
-    fitted = trainer.fit(source, lambda m: prefixed(
-        evaluate.evaluate_model(m, encoded, validation, options.rerank_depth)), monitor, progress)
+
+    def validate(m: Recommender) -> dict[str, float]:
+        return prefixed(evaluate.evaluate_model(m, encoded, validation, options.rerank_depth))
+
+    def train(member: Recommender, seed: int) -> TrainResult:
+        trainer = Trainer(member, replace(options.train, seed=seed), encoded.user_features,
+                          encoded.item_features, dataset.has_labels, strategy)
+        return trainer.fit(source, validate, monitor, progress)
+
+    members, fitted = train_members(first, options, schema, strategy, train, progress)
     if not is_chief(strategy):
-        return RunResult(None, {}, "", model, encoded)
+        return RunResult(None, {}, "", fuse(members), encoded)
+    model, validated, kept = fuse_if_better(members, fitted, validate, monitor,
+                                            options.always_fuse, progress)
     test = evaluate.make_eval_set(
         split.test_items, known_for_test, dataset.interactions,
         split.test if dataset.has_labels else None, catalog, schema, options.train.seed)
@@ -143,11 +163,73 @@ def _run(dataset: Dataset, store: Path, name: str, options: RunOptions,
                        embedding_dim(model), options.history_length, dataset.user_features,
                        item_spec),
         items=items, users=user_table(dataset.users, histories(known_for_test)),
-        metadata=metadata(dataset, item_spec, split, options, results, fitted),
-        extra_files={"learning_curves.png": curves_png(fitted.history)})
+        metadata=metadata(dataset, item_spec, split, options, results, validated, fitted,
+                          kept),
+        extra_files=learning_curves(fitted))
     version_dir = export_version(bundle, store, name)
     progress(f"exported {version_dir}")
     return RunResult(version_dir, results, table, model, encoded)
+
+
+def member_seed(seed: int, index: int) -> int:
+    return seed + index * MEMBER_SEED_STRIDE
+
+
+def train_members(first: Recommender, options: RunOptions, schema: FeatureSchema,
+                  strategy: tf.distribute.Strategy,
+                  train: Callable[[Recommender, int], TrainResult],
+                  progress: Callable[[str], None]) -> tuple[list[Recommender], list[TrainResult]]:
+    """Trains ``options.model.members`` models one after the other, each with its own seed
+    (initialisation, dropout, example order) and its own early stopping. ``first`` was built
+    under the caller's random state, so a one-member run is exactly the model it always was."""
+    count = options.model.members or 1
+    members, fitted = [first], []
+    for index in range(count):
+        seed = member_seed(options.train.seed, index)
+        if index:
+            keras.utils.set_random_seed(seed)  # the members must differ, reproducibly
+            with strategy.scope():
+                members.append(build_model(options.model, schema))
+        if count > 1:
+            progress(f"member {index + 1}/{count} (seed {seed})")
+        fitted.append(train(members[index], seed))
+    return members, fitted
+
+
+def fuse_if_better(members: list[Recommender], fitted: list[TrainResult],
+                   validate: Callable[[Recommender], dict[str, float]], monitor: str,
+                   always: bool = False, progress: Callable[[str], None] = print,
+                   ) -> tuple[Recommender, dict[str, float], list[int]]:
+    """The members fused, unless the best member alone scores at least as well on validation
+    (``monitor``): then that member, at half the serving cost. An unlucky member (one that
+    early stopping cut short) can drag the fusion below its partner. Returns the model, its
+    validation metrics and the indices of the members it holds."""
+    fused = fuse(members)
+    validated = validate(fused)
+    if len(members) == 1:
+        return fused, validated, [0]
+    alone = [best_value(r, monitor) for r in fitted]
+    best = max(range(len(alone)), key=lambda i: -np.inf if np.isnan(alone[i]) else alone[i])
+    shown = ", ".join(f"{v:.4f}" for v in alone)
+    if always or validated[monitor] > alone[best]:
+        progress(f"{len(members)} members fused: {monitor}={validated[monitor]:.4f} "
+                 f"(each alone: {shown})")
+        return fused, validated, list(range(len(members)))
+    progress(f"kept member {best + 1} alone: {monitor}={alone[best]:.4f}, fused "
+             f"{validated[monitor]:.4f} (each alone: {shown})")
+    return members[best], validate(members[best]), [best]
+
+
+def best_value(fitted: TrainResult, monitor: str) -> float:
+    """The monitored validation value of the epoch early stopping kept (nan if none was)."""
+    values = fitted.history.get(monitor, [])
+    return values[fitted.best_epoch - 1] if 0 < fitted.best_epoch <= len(values) else np.nan
+
+
+def best_validation(fitted: TrainResult) -> dict[str, float | None]:
+    """A member's validation metrics at the epoch early stopping kept."""
+    return {key.removeprefix("val_"): none_if_nan(best_value(fitted, key))
+            for key in fitted.history if key.startswith("val_")}
 
 
 def example_source(train: pd.DataFrame, users: pd.DataFrame, items: pd.DataFrame,
@@ -172,7 +254,7 @@ def build_model(config: ModelConfig, schema: FeatureSchema) -> Recommender:
 
 
 def embedding_dim(model: Recommender) -> int:
-    return int(model.item_tower.layers_out[-1].units)
+    return int(model.item_tower.output_dim)
 
 
 def prefixed(values: dict[str, float]) -> dict[str, float]:
@@ -186,6 +268,12 @@ def histories(known: pd.DataFrame) -> dict[str, list[str]]:
             for user, group in ordered.groupby(USER_ID, sort=False)[ITEM_ID]}
 
 
+def learning_curves(fitted: list[TrainResult]) -> dict[str, bytes]:
+    """learning_curves.png for the (first) member, learning_curves_<n>.png for the others."""
+    return {"learning_curves.png" if n == 1 else f"learning_curves_{n}.png": curves_png(r.history)
+            for n, r in enumerate(fitted, start=1)}
+
+
 def curves_png(history: dict[str, list[float]]) -> bytes:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "curves.png"
@@ -194,7 +282,8 @@ def curves_png(history: dict[str, list[float]]) -> bytes:
 
 
 def metadata(dataset: Dataset, item_spec: FeatureSpec, split: Split, options: RunOptions,
-             results: dict[str, dict[str, float]], fitted: TrainResult) -> dict[str, Any]:
+             results: dict[str, dict[str, float]], validated: dict[str, float],
+             fitted: list[TrainResult], kept: list[int]) -> dict[str, Any]:
     return {
         "format_version": FORMAT_VERSION,
         "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -208,11 +297,21 @@ def metadata(dataset: Dataset, item_spec: FeatureSpec, split: Split, options: Ru
                          "item": item_spec.to_dict(),
                          "history_length": options.history_length},
         "training": {"model": asdict(options.model), "train": asdict(options.train),
-                     "best_epoch": fitted.best_epoch, "seconds": round(fitted.seconds, 1),
+                     # One number for one model; one per member for an ensemble.
+                     "best_epoch": (fitted[0].best_epoch if len(fitted) == 1
+                                    else [r.best_epoch for r in fitted]),
+                     "seconds": round(sum(r.seconds for r in fitted), 1),
+                     "members": [{"seed": member_seed(options.train.seed, n),
+                                  "best_epoch": r.best_epoch, "seconds": round(r.seconds, 1),
+                                  "validation": best_validation(r), "exported": n in kept}
+                                 for n, r in enumerate(fitted)],
                      "tensorflow": tf.__version__, "rerank_depth": options.rerank_depth},
         "evaluation": {"protocol": "leave-last-out by time; sampled = 99 uniform negatives; "
                                    "full = whole catalog minus the user's training items",
                        "test_users": len(split.test_items),
+                       # The exported model (the members it holds fused) on validation.
+                       "validation": {k.removeprefix("val_"): none_if_nan(v)
+                                      for k, v in validated.items()},
                        "metrics": {k: {m: none_if_nan(v) for m, v in r.items()}
                                    for k, r in results.items()}},
     }

@@ -48,3 +48,12 @@ def test_rejects_nonsense_options(tmp_path: Path) -> None:
     done = recsys_train("--epochs", "0", "--model-store", str(tmp_path))
     assert done.returncode == 2
     assert "--epochs" in done.stderr
+
+
+def test_the_seed_model_is_one_model(tmp_path: Path) -> None:
+    for members in ("2", "0"):
+        done = recsys_train("--arch", "seed", "--members", members, "--model-store",
+                            str(tmp_path))
+        assert done.returncode == 2
+        assert "--members" in done.stderr
+        assert not any(tmp_path.iterdir())

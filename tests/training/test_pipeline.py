@@ -35,9 +35,10 @@ def load_version(result):  # type: ignore[no-untyped-def]
     return tf.saved_model.load(str(path)), spec, items, users
 
 
-@pytest.fixture(scope="module", params=["interaction", "seed"])
-def exported(request, trained, trained_seed):  # type: ignore[no-untyped-def]
-    result = trained if request.param == "interaction" else trained_seed
+@pytest.fixture(scope="module", params=["interaction", "seed", "fused"])
+def exported(request, trained, trained_seed, trained_fused):  # type: ignore[no-untyped-def]
+    result = {"interaction": trained, "seed": trained_seed, "fused": trained_fused}[
+        request.param]
     return (result, *load_version(result))
 
 
