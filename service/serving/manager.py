@@ -29,7 +29,6 @@ from service.settings import Settings
 log = logging.getLogger(__name__)
 
 
-
 def _malloc_trim() -> Any:
     """glibc's malloc_trim, or None (musl and macOS have none)."""
     libc = ctypes.util.find_library("c")
