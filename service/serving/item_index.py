@@ -7,9 +7,8 @@ a pandas hash index took about 180 MB of each server process.
 
 from __future__ import annotations
 
-import functools
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -37,18 +36,22 @@ class ItemIndex:
         self.ids: pa.Array = ids.cast(pa.large_string())
         if self.ids.null_count:
             raise ValueError(f"{self.ids.null_count} item ids are missing")
-        hashes = np.concatenate([hash_ids(block) for block in self._blocks()] or
-                                [np.zeros(0, np.uint64)])
+        # One pass over the ids as Python strings, a block at a time: their hashes, and the
+        # digest that identifies the catalog order (a cached matrix is only valid for the
+        # same rows).
+        digest, blocks = hashlib.sha256(), [np.zeros(0, np.uint64)]
+        for start in range(0, len(self.ids), BLOCK):
+            block = self.ids.slice(start, BLOCK).to_pylist()
+            blocks.append(hash_ids(block))
+            digest.update(b"".join(i.encode("utf-8", "surrogatepass") + b"\0" for i in block))
+        self.digest = digest.hexdigest()
+        hashes = np.concatenate(blocks)
         order = np.argsort(hashes, kind="stable")
         self.hashes, self.rows = hashes[order], order.astype(np.int64)
         self.colliding: dict[str, int] = {}
         shared = np.flatnonzero(self.hashes[1:] == self.hashes[:-1])
         if len(shared):
             self._split_collisions(np.union1d(shared, shared + 1))
-
-    def _blocks(self) -> Iterator[list[str]]:
-        for start in range(0, len(self.ids), BLOCK):
-            yield self.ids.slice(start, BLOCK).to_pylist()
 
     def _split_collisions(self, positions: NDArray[np.intp]) -> None:
         """Ids whose hash another id shares (about one pair in 10^7 catalogs of 1M) go to a
@@ -92,14 +95,6 @@ class ItemIndex:
 
     def ids_at(self, rows: NDArray[np.integer] | Sequence[int]) -> list[str]:
         return list(self.ids.take(pa.array(np.asarray(rows, dtype=np.int64))).to_pylist())
-
-    @functools.cached_property
-    def digest(self) -> str:
-        """Identifies the catalog order: a cached matrix is only valid for the same rows."""
-        digest = hashlib.sha256()
-        for block in self._blocks():
-            digest.update(b"".join(i.encode("utf-8", "surrogatepass") + b"\0" for i in block))
-        return digest.hexdigest()
 
 
 AttributeIndex = dict[str, dict[str, NDArray[np.int32]]]

@@ -116,7 +116,7 @@ def read_tables(path: Path, spec: ModelSpec) -> tuple[pa.Table, dict[str, Stored
 
 def index_items(items: pa.Table, spec: ModelSpec) -> tuple[ItemIndex, AttributeIndex]:
     try:
-        ids = ItemIndex(item_ids(items.column(ITEM_ID)))
+        ids = ItemIndex(items.column(ITEM_ID))
         attributes = attribute_index(items, spec.item_features.categorical +
                                      spec.item_features.multi)
     except (ValueError, pa.ArrowException) as exc:
