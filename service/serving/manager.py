@@ -181,12 +181,8 @@ class ModelManager:
             for uid in serving.users})
 
     def _switch(self, serving: ServingModel) -> None:
-        previous, self.current = self.current, serving
-        # Requests still holding the old version finish on it; then its TF objects and
-        # matrix are garbage. Collecting now, and handing the heap that loading used back to
-        # the OS, keeps memory flat across reloads.
-        release_memory()
-        self.last_error = None
+        # Metrics first: whoever sees the new version ready also sees it counted.
+        previous = self.current
         self.metrics.model_loads.inc()
         if previous is not None:
             self.metrics.model_info.remove(previous.name, str(previous.number),
@@ -194,7 +190,13 @@ class ModelManager:
         self.metrics.model_info.labels(serving.name, str(serving.number),
                                        serving.version.fingerprint[:16]).set(1)
         self.metrics.items.set(serving.item_count)
+        self.current, self.last_error = serving, None
         log.info("serving model %s version %d", serving.name, serving.number)
+        # Requests still holding the old version finish on it; then its TF objects and
+        # matrix are garbage. Collecting now, and handing the heap that loading used back to
+        # the OS, keeps memory flat across reloads. Last, so that readiness never waits.
+        del previous
+        release_memory()
 
 
 def release_memory() -> None:
