@@ -25,7 +25,7 @@ import re
 import string
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from typing import Any, Literal, TypeVar
@@ -521,23 +521,28 @@ class VersionedHash:
     def marker_key(self, version: VersionKey) -> str:
         return self.cache.key(version, self.name, "complete")
 
-    def put_many(self, version: VersionKey, mapping: dict[str, bytes]) -> bool:
-        """HSETs of ~10k fields, pipelined, then the "complete" marker; False on a Redis error."""
+    def put_many(self, version: VersionKey,
+                 entries: Mapping[str, bytes] | Iterable[tuple[str, bytes]]) -> bool:
+        """HSETs of ~10k fields, pipelined, then the "complete" marker; False on a Redis error.
+        ``entries`` may be a lazy iterable, so that a large table is never all in memory."""
+        pairs = iter(entries.items()) if isinstance(entries, Mapping) else iter(entries)
         return self.cache._guarded(f"{self.name}.put_many", version,
-                                   lambda: self._put_many(version, mapping), False)
+                                   lambda: self._put_many(version, pairs), False)
 
-    def _put_many(self, version: VersionKey, mapping: dict[str, bytes]) -> bool:
+    def _put_many(self, version: VersionKey, pairs: Iterator[tuple[str, bytes]]) -> bool:
         key, ttl = self.key(version), self.cache.ttl_s
         self.client.delete(self.marker_key(version))  # readers must not trust a partial write
-        for group in _batches(_batches(iter(mapping.items()), HSET_BATCH_FIELDS), 10):
+        written = 0
+        for group in _batches(_batches(pairs, HSET_BATCH_FIELDS), 10):
             pipe = self.client.pipeline(transaction=False)
             for batch in group:
                 pipe.hset(key, mapping=dict(batch))
+                written += len(batch)
             pipe.execute()
         pipe = self.client.pipeline(transaction=True)
-        if ttl is not None and mapping:
+        if ttl is not None and written:
             pipe.expire(key, ttl)
-        marker = {"fields": len(mapping), "created_at": datetime.now(UTC).isoformat()}
+        marker = {"fields": written, "created_at": datetime.now(UTC).isoformat()}
         pipe.set(self.marker_key(version), json.dumps(marker), ex=ttl)
         pipe.execute()
         return True

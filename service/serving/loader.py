@@ -33,10 +33,11 @@ from service.model_format import (
     content_fingerprint,
     input_name,
 )
+from service.serving.attributes import AttributeIndex, attribute_index
 from service.serving.errors import ModelLoadError
+from service.serving.id_index import IdIndex
 from service.serving.inputs import UserQuery, item_inputs, user_inputs
-from service.serving.item_index import AttributeIndex, ItemIndex, attribute_index
-from service.serving.users import StoredUser, read_users
+from service.serving.users import StoredUsers, read_users
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +55,9 @@ class ModelVersion:
     fingerprint: str
     metadata: dict[str, Any]
     spec: ModelSpec
-    item_index: ItemIndex
+    item_index: IdIndex
     item_attributes: AttributeIndex
-    users: dict[str, StoredUser]
+    users: StoredUsers
     user_tower: Any
     item_tower: Any
     score: Any
@@ -90,7 +91,7 @@ def check_signatures(saved_model: Any, spec: ModelSpec) -> None:
                                  f"{sorted(inputs)}")
 
 
-def read_tables(path: Path, spec: ModelSpec) -> tuple[pa.Table, dict[str, StoredUser]]:
+def read_tables(path: Path, spec: ModelSpec) -> tuple[pa.Table, StoredUsers]:
     """The item table's ids and filter attributes (its other features are read in batches
     when the item matrix is computed), and the stored users."""
     items_file, users_file = path / ASSETS_DIR / ITEMS_FILE, path / ASSETS_DIR / USERS_FILE
@@ -114,9 +115,9 @@ def read_tables(path: Path, spec: ModelSpec) -> tuple[pa.Table, dict[str, Stored
     return items, users
 
 
-def index_items(items: pa.Table, spec: ModelSpec) -> tuple[ItemIndex, AttributeIndex]:
+def index_items(items: pa.Table, spec: ModelSpec) -> tuple[IdIndex, AttributeIndex]:
     try:
-        ids = ItemIndex(items.column(ITEM_ID))
+        ids = IdIndex(items.column(ITEM_ID))
         attributes = attribute_index(items, spec.item_features.categorical +
                                      spec.item_features.multi)
     except (ValueError, pa.ArrowException) as exc:

@@ -176,9 +176,8 @@ class ModelManager:
         users = VersionedHash(self.cache.client, self.cache, "users")
         if users.is_complete(key) or self.cache.degraded:
             return
-        users.put_many(key, {uid: json.dumps(
-            {k: _plain(v) for k, v in serving.user_record(uid).items()}, allow_nan=False).encode()
-            for uid in serving.users})
+        users.put_many(key, ((uid, json.dumps({k: _plain(v) for k, v in serving.user_record(
+            uid, user).items()}, allow_nan=False).encode()) for uid, user in serving.users.items()))
 
     def _switch(self, serving: ServingModel) -> None:
         # Metrics first: whoever sees the new version ready also sees it counted.

@@ -22,6 +22,7 @@ from service.serving.ann import ApproximateIndex
 from service.serving.errors import InvalidFeature, UnknownFeature, UnknownFilter
 from service.serving.inputs import UserQuery, item_inputs, user_inputs
 from service.serving.loader import ModelVersion, item_batches
+from service.serving.users import StoredUser
 
 # Stored users whose embeddings are kept (64 floats each: 1M users = 256 MB at most).
 USER_CACHE_SIZE = 1_000_000
@@ -93,10 +94,9 @@ class ServingModel:
         self.users = version.users
         self.embeddings: dict[str, NDArray[np.float32]] = {}
 
-    def user_record(self, user_id: str) -> dict[str, Any]:
+    def user_record(self, user_id: str, user: StoredUser) -> dict[str, Any]:
         """A stored user as published to Redis: id, history and every feature (None if
         missing)."""
-        user = self.users[user_id]
         return {USER_ID: user_id, HISTORY_COLUMN: list(user.history),
                 **{name: user.features.get(name) for name in self.spec.user_features.names}}
 

@@ -77,6 +77,14 @@ def rewrite_items(change: Callable[[pd.DataFrame], pd.DataFrame]) -> Callable[[P
     return breakage
 
 
+def duplicate_user_id(version_dir: Path) -> None:
+    path = version_dir / "assets" / "users.parquet"
+    users = pd.read_parquet(path)
+    users["user_id"] = users["user_id"].astype(object)
+    users.loc[len(users) - 1, "user_id"] = users.loc[0, "user_id"]
+    users.to_parquet(path, index=False)
+
+
 def _duplicate_id(items: pd.DataFrame) -> pd.DataFrame:
     items["item_id"] = items["item_id"].astype(object)
     items.loc[len(items) - 1, "item_id"] = items.loc[0, "item_id"]
@@ -120,6 +128,7 @@ BREAKAGES: dict[str, Callable[[Path], None]] = {
     "duplicate_item_id": rewrite_items(_duplicate_id),
     "missing_item_id": rewrite_items(_missing_id),
     "missing_item_column": rewrite_items(lambda items: items.drop(columns=["category"])),
+    "duplicate_user_id": duplicate_user_id,
 }
 # What each refusal must say (in the log line and the reload answer).
 REASONS = {
@@ -131,6 +140,7 @@ REASONS = {
     "duplicate_item_id": "appears more than once",
     "missing_item_id": "1 item ids are missing",
     "missing_item_column": "asset tables lack columns ['category']",
+    "duplicate_user_id": "user id '",
     "missing_signature": "signature 'score' is missing",
 }
 

@@ -1,4 +1,4 @@
-"""ItemIndex: id <-> row lookups, including ids whose hashes collide, and the catalog digest."""
+"""IdIndex: id <-> row lookups, including ids whose hashes collide, and the catalog digest."""
 
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ import pyarrow as pa
 import pytest
 from numpy.typing import NDArray
 
-from service.serving import item_index
-from service.serving.item_index import DuplicateIds, ItemIndex
+from service.serving import id_index
+from service.serving.id_index import DuplicateIds, IdIndex
 
 IDS = ["242", "302", "m1", "", "é🙂", "10", "1"]
 
 
 def test_rows_of_known_unknown_and_order() -> None:
-    index = ItemIndex(pa.array(IDS))
+    index = IdIndex(pa.array(IDS))
     asked = ["1", "nope", "242", "é🙂", "", "242", "01"]
     assert index.rows_of(asked).tolist() == [6, -1, 0, 4, 3, 0, -1]
     assert index.rows_of([]).tolist() == []
@@ -25,7 +25,7 @@ def test_rows_of_known_unknown_and_order() -> None:
 
 
 def test_ids_at_gives_the_ids_back() -> None:
-    index = ItemIndex(pa.chunked_array([IDS[:3], IDS[3:]]))
+    index = IdIndex(pa.chunked_array([IDS[:3], IDS[3:]]))
     rows = np.array([4, 0, 6, 0])
     assert index.ids_at(rows) == ["é🙂", "242", "1", "242"]
     assert index.ids_at(np.zeros(0, dtype=np.int64)) == []
@@ -33,15 +33,15 @@ def test_ids_at_gives_the_ids_back() -> None:
 
 def test_digest_is_sha256_of_ids_each_ended_by_nul() -> None:
     want = hashlib.sha256(b"".join(i.encode() + b"\0" for i in IDS)).hexdigest()
-    assert ItemIndex(pa.array(IDS)).digest == want
-    assert ItemIndex(pa.array(IDS[::-1])).digest != want
+    assert IdIndex(pa.array(IDS)).digest == want
+    assert IdIndex(pa.array(IDS[::-1])).digest != want
 
 
 def test_duplicate_and_missing_ids_are_refused() -> None:
     with pytest.raises(DuplicateIds, match="'302'"):
-        ItemIndex(pa.array(["1", "302", "2", "302"]))
+        IdIndex(pa.array(["1", "302", "2", "302"]))
     with pytest.raises(ValueError, match="1 item ids are missing"):
-        ItemIndex(pa.array(["1", None, "2"]))
+        IdIndex(pa.array(["1", None, "2"]))
 
 
 def test_colliding_hashes_are_still_exact(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -49,18 +49,18 @@ def test_colliding_hashes_are_still_exact(monkeypatch: pytest.MonkeyPatch) -> No
     def first_char(ids: Sequence[str] | NDArray[np.object_]) -> NDArray[np.uint64]:
         return np.array([ord(i[0]) if i else 0 for i in ids], dtype=np.uint64)
 
-    monkeypatch.setattr(item_index, "hash_ids", first_char)
+    monkeypatch.setattr(id_index, "hash_ids", first_char)
     catalog = ["a1", "a2", "b1", "a3", "c1", ""]
-    index = ItemIndex(pa.array(catalog))
+    index = IdIndex(pa.array(catalog))
     assert index.rows_of(["a3", "b1", "a9", "c1", "b2", "", "a1", "z"]).tolist() == \
         [3, 2, -1, 4, -1, 5, 0, -1]
     with pytest.raises(DuplicateIds):
-        ItemIndex(pa.array(["a1", "a2", "a1"]))
+        IdIndex(pa.array(["a1", "a2", "a1"]))
 
 
 def test_a_large_catalog_round_trips() -> None:
     ids = [f"item-{n}" for n in range(200_000)]
-    index = ItemIndex(pa.array(ids))
+    index = IdIndex(pa.array(ids))
     rows = np.random.default_rng(0).integers(0, len(ids), 1000)
     assert index.rows_of([ids[r] for r in rows]).tolist() == rows.tolist()
     assert index.ids_at(rows) == [ids[r] for r in rows]
