@@ -1,12 +1,14 @@
 """The stored users of a version (users.parquet): features and history per user id.
 
 They stay Arrow columns behind an IdIndex, the history ids dictionary-encoded, and a user
-becomes Python objects only when a request names them. As one Python object per user, 50k
-users took 27 MiB and 4 s to read; a million users with long histories would take gigabytes.
+becomes Python objects only when a request names them: a million users with 25 history ids
+each took 801 MiB and 76 s to read as one Python object per user, 194 MiB and 11 s this way
+(bench/users_memory.py).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from numpy.typing import NDArray
 
 from service.data.dataset import USER_ID
 from service.model_format import HISTORY_COLUMN
@@ -24,7 +27,6 @@ from service.serving.id_index import IdIndex
 
 # Users turned into Python objects at once when all of them are walked (publishing to Redis).
 BLOCK_ROWS = 8192
-DECODED = pa.large_list(pa.string())
 
 
 @dataclass(frozen=True)
@@ -37,7 +39,8 @@ class StoredUsers:
     def __init__(self, table: pa.Table, feature_names: list[str]) -> None:
         self.index = IdIndex(table.column(USER_ID), kind="user")
         self.features = {name: table.column(name).combine_chunks() for name in feature_names}
-        self.history = _dictionary_lists(table.column(HISTORY_COLUMN).combine_chunks())
+        self._starts, self._codes, self._history_ids = _encoded_histories(
+            table.column(HISTORY_COLUMN).combine_chunks())
 
     def __len__(self) -> int:
         return len(self.index)
@@ -47,7 +50,7 @@ class StoredUsers:
         if row < 0:
             return None
         return _user({name: column[row].as_py() for name, column in self.features.items()},
-                     self.history[row].as_py())
+                     self._histories(row, row + 1)[0])
 
     def items(self) -> Iterator[tuple[str, StoredUser]]:
         """Every (id, user), in table order."""
@@ -55,11 +58,17 @@ class StoredUsers:
             ids = self.index.ids.slice(start, BLOCK_ROWS).to_pylist()
             features = {name: column.slice(start, BLOCK_ROWS).to_pylist()
                         for name, column in self.features.items()}
-            # Decoded in Arrow first: Python conversion of dictionary values is ~8x slower.
-            histories = self.history.slice(start, BLOCK_ROWS).cast(DECODED).to_pylist()
+            histories = self._histories(start, start + len(ids))
             for n, (user_id, history) in enumerate(zip(ids, histories, strict=True)):
                 yield user_id, _user({name: values[n] for name, values in features.items()},
                                      history)
+
+    def _histories(self, first: int, stop: int) -> list[tuple[str, ...]]:
+        """The histories of rows first..stop-1, decoded in one Arrow call."""
+        starts = self._starts[first:stop + 1]
+        names = self._history_ids.take(pa.array(self._codes[starts[0]:starts[-1]])).to_pylist()
+        starts = starts - starts[0]
+        return [tuple(names[a:b]) for a, b in itertools.pairwise(starts)]
 
 
 def read_users(path: Path, feature_names: list[str]) -> StoredUsers:
@@ -67,20 +76,24 @@ def read_users(path: Path, feature_names: list[str]) -> StoredUsers:
                        feature_names)
 
 
-def _dictionary_lists(history: pa.Array) -> pa.LargeListArray:
-    """The history lists with their ids dictionary-encoded (each distinct id stored once); a
-    missing history is an empty one."""
+def _encoded_histories(history: pa.Array) -> tuple[NDArray[np.int64], NDArray[np.int32],
+                                                    pa.Array]:
+    """Row starts [n + 1] into one array of codes, and the distinct ids the codes index:
+    each distinct id is stored once. Missing histories and missing ids in them are dropped."""
     if not (pa.types.is_list(history.type) or pa.types.is_large_list(history.type)):
         raise ValueError(f"column {HISTORY_COLUMN!r} is {history.type}, not a list of ids")
-    lengths = pc.fill_null(pc.list_value_length(history), 0).to_numpy(zero_copy_only=False)
-    offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
-    values = pc.dictionary_encode(pc.cast(pc.list_flatten(history), pa.string()))
-    return pa.LargeListArray.from_arrays(pa.array(offsets, pa.int64()), values)
+    ids, rows = pc.list_flatten(history), pc.list_parent_indices(history)
+    present = pc.is_valid(ids)
+    ids, rows = ids.filter(present), rows.filter(present)
+    lengths = np.bincount(rows.to_numpy(), minlength=len(history))
+    starts = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+    encoded = pc.dictionary_encode(pc.cast(ids, pa.string()))
+    return starts, encoded.indices.to_numpy(), encoded.dictionary
 
 
-def _user(features: dict[str, Any], history: list[str] | None) -> StoredUser:
+def _user(features: dict[str, Any], history: tuple[str, ...]) -> StoredUser:
     return StoredUser({name: value for name, value in features.items() if not _missing(value)},
-                      tuple(i for i in history or () if i is not None))
+                      history)
 
 
 def _missing(value: Any) -> bool:
