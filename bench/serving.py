@@ -803,6 +803,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+# Run in a child with single-threaded BLAS, as the servers run: how fast this machine is today.
+# The same code has measured 2x apart on different days here; this line tells them apart.
+CALIBRATION = """
+import time, numpy as np
+rng = np.random.default_rng(0)
+items = rng.random((100_000, 64), dtype=np.float32)
+user = rng.random((1, 64), dtype=np.float32)
+square = rng.random((256, 256), dtype=np.float32)
+def p50(f, n):
+    f()
+    times = []
+    for _ in range(n):
+        t = time.perf_counter(); f(); times.append(time.perf_counter() - t)
+    return sorted(times)[n // 2]
+print(p50(lambda: user @ items.T, 50) * 1e3, 2 * 256**3 / p50(lambda: square @ square, 50) / 1e9)
+"""
+
+
+def machine_speed() -> dict[str, float]:
+    """p50 of one user's scores over 100k items (memory-bound, what retrieval does) and
+    single-core GFLOP/s on a 256x256 product (compute-bound)."""
+    out = subprocess.run([sys.executable, "-c", CALIBRATION], env=clean_env(), check=True,
+                         capture_output=True, text=True, timeout=120).stdout.split()
+    return {"matvec_100k_ms": float(out[0]), "matmul_gflops": float(out[1])}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="recsys-bench-"))
@@ -814,6 +840,7 @@ def main(argv: list[str] | None = None) -> int:
     failed: str | None = None
     started = time.monotonic()
     load_start = os.getloadavg()[0]
+    raw["machine"] = speed = machine_speed()
     try:
         try:
             run(args, workdir, rows, raw, servers, redis_box)
@@ -832,6 +859,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{load_end:.1f} at end); load from bench/loadgen.py in its own process, "
               f"{args.duration:g} s measured after {WARMUP_S:g} s warm-up; "
               f"total {time.monotonic() - started:.0f} s")
+        print(f"machine: one user's scores over 100k x 64 items {speed['matvec_100k_ms']:.2f} "
+              f"ms (memory-bound), {speed['matmul_gflops']:.0f} GFLOP/s on one core "
+              f"(compute-bound), numpy in a child process before the servers started")
         if args.json:
             raw["rows"] = [vars(r) for r in rows]
             raw["failed"] = failed
