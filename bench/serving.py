@@ -829,6 +829,16 @@ def machine_speed() -> dict[str, float]:
     return {"matvec_100k_ms": float(out[0]), "matmul_gflops": float(out[1])}
 
 
+def cpu_model() -> str:
+    """The CPU's name and whether it has AVX-512 (GUIDE §3's figures were measured with it)."""
+    with contextlib.suppress(OSError):
+        info = Path("/proc/cpuinfo").read_text()
+        name = re.search(r"^model name\s*:\s*(.+)$", info, re.MULTILINE)
+        avx512 = "with" if re.search(r"\bavx512f\b", info) else "without"
+        return f"{name.group(1).strip() if name else 'unknown CPU'}, {avx512} AVX-512"
+    return "unknown CPU"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="recsys-bench-"))
@@ -841,6 +851,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     load_start = os.getloadavg()[0]
     raw["machine"] = speed = machine_speed()
+    raw["cpu"] = cpu = cpu_model()
     try:
         try:
             run(args, workdir, rows, raw, servers, redis_box)
@@ -859,7 +870,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{load_end:.1f} at end); load from bench/loadgen.py in its own process, "
               f"{args.duration:g} s measured after {WARMUP_S:g} s warm-up; "
               f"total {time.monotonic() - started:.0f} s")
-        print(f"machine: one user's scores over 100k x 64 items {speed['matvec_100k_ms']:.2f} "
+        print(f"machine: {cpu}; one user's scores over 100k x 64 items "
+              f"{speed['matvec_100k_ms']:.2f} "
               f"ms (memory-bound), {speed['matmul_gflops']:.0f} GFLOP/s on one core "
               f"(compute-bound), numpy in a child process before the servers started")
         if args.json:
