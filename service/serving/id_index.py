@@ -7,8 +7,9 @@ a pandas hash index took about 180 MB of each server process.
 
 from __future__ import annotations
 
+import functools
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -38,16 +39,7 @@ class IdIndex:
         self.ids: pa.Array = ids.cast(pa.large_string())
         if self.ids.null_count:
             raise ValueError(f"{self.ids.null_count} {kind} ids are missing")
-        # One pass over the ids as Python strings, a block at a time: their hashes, and the
-        # digest that identifies the catalog order (a cached matrix is only valid for the
-        # same rows).
-        digest, blocks = hashlib.sha256(), [np.zeros(0, np.uint64)]
-        for start in range(0, len(self.ids), BLOCK):
-            block = self.ids.slice(start, BLOCK).to_pylist()
-            blocks.append(hash_ids(block))
-            digest.update(b"".join(i.encode("utf-8", "surrogatepass") + b"\0" for i in block))
-        self.digest = digest.hexdigest()
-        hashes = np.concatenate(blocks)
+        hashes = np.concatenate([np.zeros(0, np.uint64), *map(hash_ids, self._blocks())])
         order = np.argsort(hashes, kind="stable")
         self.hashes, self.rows = hashes[order], order.astype(np.int64)
         self.colliding: dict[str, int] = {}
@@ -67,6 +59,20 @@ class IdIndex:
         keep = np.ones(len(self.hashes), dtype=bool)
         keep[positions] = False
         self.hashes, self.rows = self.hashes[keep], self.rows[keep]
+
+    def _blocks(self) -> Iterator[list[str]]:
+        """The ids as Python strings, a block at a time, to bound the transient."""
+        for start in range(0, len(self.ids), BLOCK):
+            yield self.ids.slice(start, BLOCK).to_pylist()
+
+    @functools.cached_property
+    def digest(self) -> str:
+        """Identifies the ids in their order (a cached item matrix is only valid for the same
+        rows); computed when first asked, so the users' index never pays for it."""
+        digest = hashlib.sha256()
+        for block in self._blocks():
+            digest.update(b"".join(i.encode("utf-8", "surrogatepass") + b"\0" for i in block))
+        return digest.hexdigest()
 
     def __len__(self) -> int:
         return len(self.ids)
