@@ -12,9 +12,6 @@ before, both after gc and glibc's malloc_trim, so freed memory does not count.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
-import gc
 import sys
 import tempfile
 import time
@@ -29,7 +26,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `python bench/users_memory.py` puts bench/ on the path
     sys.path.insert(0, str(ROOT))
 
-import service.serving.inputs  # noqa: E402, F401  (TensorFlow loaded before measuring)
+# Imports TensorFlow too, so that only the table counts in what is measured.
+from service.serving.manager import release_memory  # noqa: E402
 from service.serving.users import read_users  # noqa: E402
 
 FEATURES = ["gender", "country", "age", "price_sensitivity"]
@@ -53,12 +51,7 @@ def write_users(path: Path, n: int, max_history: int) -> int:
 
 
 def resident() -> int:
-    gc.collect()
-    pa.default_memory_pool().release_unused()
-    libc = ctypes.util.find_library("c")
-    trim = getattr(ctypes.CDLL(libc), "malloc_trim", None) if libc else None
-    if trim is not None:
-        trim(0)
+    release_memory()  # as the server does after loading: freed memory does not count
     return int(psutil.Process().memory_info().rss)
 
 
