@@ -217,7 +217,9 @@ def fuse_if_better(members: list[Recommender], fitted: list[TrainResult],
         return fused, validated, list(range(len(members)))
     progress(f"kept member {best + 1} alone: {monitor}={alone[best]:.4f}, fused "
              f"{validated[monitor]:.4f} (each alone: {shown})")
-    return members[best], validate(members[best]), [best]
+    # Its weights are those of the epoch early stopping kept: that epoch's validation.
+    return members[best], {key: best_value(fitted[best], key) for key in fitted[best].history
+                           if key.startswith("val_")}, [best]
 
 
 def best_value(fitted: TrainResult, monitor: str) -> float:
