@@ -10,7 +10,9 @@ import concurrent.futures
 import functools
 import itertools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -23,7 +25,22 @@ HeadFn = Callable[[NDArray[np.float32], NDArray[np.float32]], NDArray[np.float32
 ProposeFn = Callable[[NDArray[np.float32], int], NDArray[np.int64]]
 
 
-# Below this many columns a plain partial selection is as fast as anything.
+@dataclass(frozen=True)
+class Allowed:
+    """The items one user may get: those of a catalog mask (filters; None: every item), less
+    some rows (exclusions). Rows rather than a mask, so an exclusion costs its own size, not
+    the catalog's."""
+
+    mask: NDArray[np.bool_] | None = None
+    excluded: NDArray[np.integer[Any]] = field(default_factory=lambda: np.zeros(0, np.intp))
+
+    def rows_ok(self, rows: NDArray[np.int64]) -> NDArray[np.bool_]:
+        """Which of these catalog rows are allowed."""
+        ok = self.mask[rows] if self.mask is not None else np.ones(rows.shape, dtype=bool)
+        return ok & ~np.isin(rows, self.excluded)
+
+
+# Below this many items a plain partial selection is as fast as anything.
 SMALL_CATALOG = 8192
 SAMPLE_SIZE = 2048
 # The sampled threshold aims at this many times k survivors, so it rarely undershoots.
@@ -31,29 +48,57 @@ OVERSHOOT = 3
 
 
 def top_k_indices(scores: NDArray[np.float32], k: int) -> NDArray[np.int64]:
-    """Column indices of the k largest scores per row, best first (ties: lower index first).
+    """Column indices of the k largest scores per row, best first (ties: lower index first)."""
+    return top_k_of_columns(scores.T, k)
 
-    Large rows are first cut by a threshold read off a strided sample (a vectorised compare),
-    so the partial selection runs on a few hundred survivors instead of the whole catalog: 6x
-    faster at 100k columns. Exact: every item above the threshold survives, and a row with
-    fewer than k survivors falls back to the whole row.
+
+def top_k_of_columns(scores: NDArray[np.float32], k: int) -> NDArray[np.int64]:
+    """Per column of scores [N, U] (the retrieval's layout: one column per user), the row
+    indices of its k largest scores, best first (ties: lower index first) -> [U, k].
+
+    Large columns are first cut by a threshold read off a strided sample (one vectorised
+    compare), so the partial selection runs on a few hundred survivors instead of the whole
+    catalog: 6x faster at 100k items. Exact: every item above the threshold survives, and a
+    column with fewer than k survivors falls back to the whole column.
     """
-    n_rows, n = scores.shape
+    n, n_cols = scores.shape
     k = min(k, n)
-    out = np.zeros((n_rows, max(k, 0)), dtype=np.int64)
+    out = np.zeros((n_cols, max(k, 0)), dtype=np.int64)
     if k <= 0:
         return out
-    thresholds = sampled_thresholds(scores, k)
-    for row in range(n_rows):
-        values = scores[row]
-        candidates = (np.flatnonzero(values >= thresholds[row]) if thresholds is not None
-                      else np.arange(n))
+    survivors = _survivors(scores, k)
+    for col in range(n_cols):
+        values = scores[:, col]
+        candidates = survivors[col] if survivors is not None else np.arange(n)
         if len(candidates) < k:
             candidates = np.arange(n)
         if len(candidates) > k:
             candidates = best_k(candidates, values[candidates], k)
-        out[row] = candidates[np.lexsort((candidates, -values[candidates]))]
+        out[col] = candidates[np.lexsort((candidates, -values[candidates]))]
     return out
+
+
+def _survivors(scores: NDArray[np.float32], k: int) -> list[NDArray[np.int64]] | None:
+    """Per column, the rows whose score reaches a threshold that about OVERSHOOT·k of them
+    reach, ascending (None: columns too short to bother)."""
+    n, n_cols = scores.shape
+    if n <= SMALL_CATALOG or OVERSHOOT * k * 4 >= n:
+        return None
+    sample = scores[:: n // SAMPLE_SIZE]
+    width = sample.shape[0]
+    rank_in_sample = min(width, int(np.ceil(OVERSHOOT * k * width / n)) + 1)
+    thresholds = np.partition(sample, width - rank_in_sample, axis=0)[width - rank_in_sample]
+    # flatnonzero over the matrix's own memory order: 10x faster than np.nonzero on 2-D.
+    if scores.flags.c_contiguous:  # [N, U] in memory: flat index = row * U + col
+        flat = np.flatnonzero(scores >= thresholds)
+        rows, cols = np.divmod(flat, n_cols)
+        order = np.argsort(cols, kind="stable")  # rows stay ascending within a column
+        rows, cols = rows[order], cols[order]
+    else:  # [U, N] in memory (a transposed view): flat index = col * N + row
+        flat = np.flatnonzero((scores >= thresholds).T)
+        cols, rows = np.divmod(flat, n)
+    bounds = np.searchsorted(cols, np.arange(n_cols + 1))
+    return [rows[bounds[c]:bounds[c + 1]] for c in range(n_cols)]
 
 
 def best_k(candidates: NDArray[np.int64], values: NDArray[np.float32],
@@ -64,17 +109,6 @@ def best_k(candidates: NDArray[np.int64], values: NDArray[np.float32],
     above = candidates[values > kth]
     tied = candidates[values == kth]
     return np.concatenate([above, tied[:k - len(above)]])
-
-
-def sampled_thresholds(scores: NDArray[np.float32], k: int) -> NDArray[np.float32] | None:
-    """Per row, a score that about OVERSHOOT·k items reach (None: rows too short to bother)."""
-    n = scores.shape[1]
-    if n <= SMALL_CATALOG or OVERSHOOT * k * 4 >= n:
-        return None
-    sample = scores[:, :: n // SAMPLE_SIZE]
-    width = sample.shape[1]
-    rank_in_sample = min(width, int(np.ceil(OVERSHOOT * k * width / n)) + 1)
-    return np.partition(sample, width - rank_in_sample, axis=1)[:, width - rank_in_sample]
 
 
 # From this catalog size on, the matrix product is split across the cores: a query against
@@ -90,43 +124,55 @@ def _pool() -> concurrent.futures.ThreadPoolExecutor:
 
 def inner_products(users: NDArray[np.float32], items: NDArray[np.float32]
                    ) -> NDArray[np.float32]:
-    """users @ items.T; large ones in row blocks of the catalog on parallel threads (BLAS
-    releases the GIL; each call stays single-threaded under OPENBLAS_NUM_THREADS=1)."""
+    """items @ users.T: [N, U], one column per user.
+
+    This way round, not users @ items.T: OpenBLAS took 10 ms for 16 users against 100k x 64
+    items that way and 3 ms this way (1.4 ms for one user either way). Large catalogs go in row
+    blocks on parallel threads (BLAS releases the GIL; each call stays single-threaded under
+    OPENBLAS_NUM_THREADS=1)."""
     workers = os.cpu_count() or 1
     if workers == 1 or items.shape[0] < PARALLEL_MIN_ITEMS:
-        return users @ items.T
+        return items @ users.T
+    out = np.empty((items.shape[0], users.shape[0]), dtype=np.float32)
     bounds = np.linspace(0, items.shape[0], workers + 1).astype(int)
-    parts = _pool().map(lambda b: users @ items[b[0]:b[1]].T, itertools.pairwise(bounds))
-    return np.concatenate(list(parts), axis=1)
+    list(_pool().map(lambda b: np.matmul(items[b[0]:b[1]], users.T, out=out[b[0]:b[1]]),
+                     itertools.pairwise(bounds)))
+    return out
 
 
 def rank(user_embeddings: NDArray[np.float32], item_matrix: NDArray[np.float32], k: int,
          head: HeadFn, retrieval: str = RETRIEVAL_DOT, depth: int = 200,
-         allowed: NDArray[np.bool_] | None = None, propose: ProposeFn | None = None,
+         allowed: Sequence[Allowed | None] | None = None, propose: ProposeFn | None = None,
          ) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
     """The k best items per user: item indices [U, k] and head scores [U, k].
 
-    ``allowed`` [U, N] (or [N]) masks out excluded or filtered items. Slots with no allowed item
-    left have index -1 and score -inf. With dot retrieval the best max(depth, k) items by u·c
-    are reranked by the head; "exhaustive" retrieval scores every item with the head.
-    ``propose`` (an approximate index) replaces the exact u·c retrieval, unless its candidates
-    leave some user fewer than k allowed items.
+    ``allowed`` (one per user, None: every item) masks out excluded or filtered items. Slots
+    with no allowed item left have index -1 and score -inf. With dot retrieval the best
+    max(depth, k) items by u·c are reranked by the head; "exhaustive" retrieval scores every
+    item with the head. ``propose`` (an approximate index) replaces the exact u·c retrieval,
+    unless its candidates leave some user fewer than k allowed items.
     """
     n_users, n_items = user_embeddings.shape[0], item_matrix.shape[0]
+    allowed = allowed if allowed is not None else [None] * n_users
     proposed = (proposed_candidates(propose, user_embeddings, max(depth, k), k, allowed)
                 if propose is not None and retrieval == RETRIEVAL_DOT else None)
     if proposed is not None:
         candidates, valid = proposed
     elif retrieval == RETRIEVAL_DOT:
-        coarse = inner_products(user_embeddings, item_matrix)
-        if allowed is not None:
-            np.copyto(coarse, np.float32(-np.inf), where=~allowed)  # in place: no [U, N] copy
-        candidates = top_k_indices(coarse, max(depth, k))
-        valid = np.isfinite(np.take_along_axis(coarse, candidates, axis=1))
+        coarse = inner_products(user_embeddings, item_matrix)  # [N, U]
+        for user, rule in enumerate(allowed):
+            if rule is not None:
+                if rule.mask is not None:
+                    coarse[~rule.mask, user] = -np.inf
+                coarse[rule.excluded, user] = -np.inf
+        candidates = top_k_of_columns(coarse, max(depth, k))
+        valid = np.isfinite(coarse[candidates, np.arange(n_users)[:, None]])
     else:
         candidates = np.broadcast_to(np.arange(n_items, dtype=np.int64), (n_users, n_items))
-        valid = (np.ones((n_users, n_items), dtype=bool) if allowed is None
-                 else np.broadcast_to(allowed, (n_users, n_items)))
+        valid = np.ones((n_users, n_items), dtype=bool)
+        for user, rule in enumerate(allowed):
+            if rule is not None:
+                valid[user] = rule.rows_ok(candidates[user])
     fine = np.array(head(user_embeddings, item_matrix[candidates]), dtype=np.float32)
     np.copyto(fine, np.float32(-np.inf), where=~valid)
     best = top_k_indices(fine, k)
@@ -136,16 +182,16 @@ def rank(user_embeddings: NDArray[np.float32], item_matrix: NDArray[np.float32],
 
 
 def proposed_candidates(propose: ProposeFn, user_embeddings: NDArray[np.float32], n: int,
-                        k: int, allowed: NDArray[np.bool_] | None,
+                        k: int, allowed: Sequence[Allowed | None],
                         ) -> tuple[NDArray[np.int64], NDArray[np.bool_]] | None:
     """An approximate index's candidates and which of them are allowed; None when some user
     would be left with fewer than k (a narrow filter): the exact retrieval then runs."""
     candidates = propose(user_embeddings, n)
     valid = candidates >= 0
     candidates = np.where(valid, candidates, 0)
-    if allowed is not None:
-        mask = np.broadcast_to(allowed, (len(candidates), allowed.shape[-1]))
-        valid &= np.take_along_axis(mask, candidates, axis=1)
+    for user, rule in enumerate(allowed):
+        if rule is not None:
+            valid[user] &= rule.rows_ok(candidates[user])
     if (valid.sum(axis=1) < k).any():
         return None
     return candidates, valid

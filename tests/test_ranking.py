@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 
 from service.model_format import RETRIEVAL_DOT, RETRIEVAL_EXHAUSTIVE
-from service.ranking import PARALLEL_MIN_ITEMS, inner_products, rank, top_k_indices
+from service.ranking import (
+    PARALLEL_MIN_ITEMS,
+    Allowed,
+    inner_products,
+    rank,
+    top_k_indices,
+    top_k_of_columns,
+)
 
 
 def reference(scores: np.ndarray, k: int) -> np.ndarray:
@@ -25,9 +32,12 @@ def test_top_k_matches_argsort(n: int, k: int) -> None:
     scores[2] = np.round(scores[2], 1)                        # many ties
     scores[3] = 0.5                                           # all tied
     scores[4] = np.sort(scores[4])                            # adversarial order
-    got, want = top_k_indices(scores, k), reference(scores, k)
+    want = reference(scores, k)
     finite = np.isfinite(np.take_along_axis(scores, want, axis=1))
-    assert np.array_equal(np.where(finite, got, -1), np.where(finite, want, -1))
+    # Rows of scores, and columns of the retrieval's [N, U] matrix in either memory order.
+    for got in (top_k_indices(scores, k), top_k_of_columns(np.ascontiguousarray(scores.T), k),
+                top_k_of_columns(scores.T, k)):
+        assert np.array_equal(np.where(finite, got, -1), np.where(finite, want, -1))
 
 
 @pytest.mark.parametrize("retrieval", [RETRIEVAL_DOT, RETRIEVAL_EXHAUSTIVE])
@@ -41,7 +51,12 @@ def test_rank_with_full_depth_is_a_brute_force_ranking(retrieval: str) -> None:
         return np.einsum("ud,umd->um", u, c) + c @ weights
 
     allowed = rng.random((4, 300)) > 0.3
-    indices, scores = rank(users, items, 10, head, retrieval, depth=300, allowed=allowed)
+    # The same rule as a mask, as excluded rows, as both, and no rule (user 3: everything).
+    allowed[3] = True
+    rules = [Allowed(mask=allowed[0]), Allowed(excluded=np.flatnonzero(~allowed[1])),
+             Allowed(mask=allowed[2] | (np.arange(300) % 2 == 0),
+                     excluded=np.flatnonzero(~allowed[2] & (np.arange(300) % 2 == 0))), None]
+    indices, scores = rank(users, items, 10, head, retrieval, depth=300, allowed=rules)
     full = np.where(allowed, head(users, np.broadcast_to(items, (4, 300, 8))), -np.inf)
     assert np.array_equal(indices, reference(full.astype(np.float32), 10))
     assert np.allclose(scores, np.take_along_axis(full, indices, axis=1), atol=1e-5)
@@ -51,7 +66,7 @@ def test_parallel_inner_products_equal_the_plain_product() -> None:
     rng = np.random.default_rng(3)
     users = rng.standard_normal((8, 16)).astype(np.float32)
     items = rng.standard_normal((PARALLEL_MIN_ITEMS + 123, 16)).astype(np.float32)
-    assert np.allclose(inner_products(users, items), users @ items.T, atol=1e-5)
+    assert np.allclose(inner_products(users, items), items @ users.T, atol=1e-5)
 
 
 def test_rank_with_proposed_candidates_and_its_fallback() -> None:
@@ -64,7 +79,8 @@ def test_rank_with_proposed_candidates_and_its_fallback() -> None:
     def head(u: np.ndarray, c: np.ndarray) -> np.ndarray:
         return np.einsum("ud,umd->um", u, c)
 
-    allowed = rng.random((3, 400)) > 0.2
+    mask = rng.random((3, 400)) > 0.2
+    allowed = [Allowed(mask=row) for row in mask]
     exact = rank(users, items, 10, head, RETRIEVAL_DOT, depth=50, allowed=allowed)
     best = np.argsort(-(users @ items.T), axis=1, kind="stable")
 
@@ -82,8 +98,30 @@ def test_rank_with_proposed_candidates_and_its_fallback() -> None:
         calls.append(n)
         return np.tile(np.arange(12), (3, 1))  # some of these 12 are not allowed
 
-    assert (~allowed[:, :12]).any(axis=1).any()
+    assert (~mask[:, :12]).any(axis=1).any()
     fallback = rank(users, items, 10, head, RETRIEVAL_DOT, depth=50, allowed=allowed,
                     propose=poor)
     assert calls == [50]
     assert np.array_equal(fallback[0], exact[0])
+
+
+def test_rank_on_a_large_catalog_with_exclusions_matches_brute_force() -> None:
+    """The sampled-threshold path (catalog > SMALL_CATALOG), several users at once, each with
+    its own excluded rows, and the parallel product: the same as a full sort per user."""
+    rng = np.random.default_rng(7)
+    users = rng.standard_normal((5, 16)).astype(np.float32)
+    items = rng.standard_normal((PARALLEL_MIN_ITEMS + 77, 16)).astype(np.float32)
+
+    def head(u: np.ndarray, c: np.ndarray) -> np.ndarray:
+        return np.einsum("ud,umd->um", u, c)
+
+    coarse = users @ items.T
+    best = np.argsort(-coarse, axis=1, kind="stable")
+    # User 0 loses its 30 best items, user 1 every item but 4 (fewer than k), user 2 nothing.
+    rules = [Allowed(excluded=best[0, :30]), Allowed(excluded=best[1, 4:]), Allowed(), None,
+             Allowed(mask=np.arange(len(items)) % 3 == 0)]
+    indices, _ = rank(users, items, 10, head, RETRIEVAL_DOT, depth=40, allowed=rules)
+    for user, rule in enumerate(rules):
+        ok = np.ones(len(items), bool) if rule is None else rule.rows_ok(np.arange(len(items)))
+        want = [int(i) for i in best[user] if ok[i]][:10]
+        assert [int(i) for i in indices[user] if i >= 0] == want

@@ -17,7 +17,7 @@ from numpy.typing import NDArray
 
 from service.data.dataset import USER_ID
 from service.model_format import HISTORY_COLUMN, ITEM_EMBEDDING, SCORE, USER_EMBEDDING
-from service.ranking import rank
+from service.ranking import Allowed, rank
 from service.serving.ann import ApproximateIndex
 from service.serving.errors import InvalidFeature, UnknownFeature, UnknownFilter
 from service.serving.inputs import UserQuery, item_inputs, user_inputs
@@ -66,7 +66,7 @@ class RecommendCall:
 
     query: UserQuery
     k: int
-    allowed: NDArray[np.bool_] | None = None  # None: every item
+    allowed: Allowed | None = None  # None: every item
 
     def depth(self, model: ServingModel) -> int:
         return max(model.rerank_depth, self.k)
@@ -184,24 +184,23 @@ class ServingModel:
                 if c.rows else [] for i, c in enumerate(calls)]
 
     def allowed(self, query: UserQuery, exclude_ids: Sequence[str], exclude_seen: bool,
-                filters: Mapping[str, Sequence[str]]) -> NDArray[np.bool_] | None:
+                filters: Mapping[str, Sequence[str]]) -> Allowed | None:
         """Which catalog rows may be recommended (None: all of them)."""
         if not filters and not exclude_ids and not (exclude_seen and query.history):
             return None
-        mask = np.ones(self.item_count, dtype=bool)
+        mask = None
         for attribute, values in filters.items():
             index = self.attributes.get(attribute)
             if index is None:
                 raise UnknownFilter(f"unknown filter attribute {attribute!r}; items have "
                                     f"{sorted(self.attributes)}")
-            keep = np.zeros_like(mask)
+            keep = np.zeros(self.item_count, dtype=bool)
             for value in values:
                 keep[index.get(value, [])] = True
-            mask &= keep
+            mask = keep if mask is None else mask & keep
         excluded = list(exclude_ids) + (list(query.history) if exclude_seen else [])
         rows = self.rows_of(excluded)
-        mask[rows[rows >= 0]] = False
-        return mask
+        return Allowed(mask, rows[rows >= 0])
 
     def recommend_many(self, calls: Sequence[RecommendCall]) -> list[Recommendation]:
         """Top-k per call, computed together: one user-tower call, one matrix product, one head
@@ -210,14 +209,8 @@ class ServingModel:
         depth = calls[0].depth(self)
         assert all(c.depth(self) == depth for c in calls), "batch mixes retrieval depths"
         users = self.embed([c.query for c in calls])
-        allowed = None
-        if any(c.allowed is not None for c in calls):
-            allowed = np.ones((len(calls), self.item_count), dtype=bool)
-            for row, call in enumerate(calls):
-                if call.allowed is not None:
-                    allowed[row] = call.allowed
         indices, scores = rank(users, self.item_matrix, max(c.k for c in calls), self.head,
-                               self.spec.retrieval, depth, allowed,
+                               self.spec.retrieval, depth, [c.allowed for c in calls],
                                self.approximate.search if self.approximate else None)
         results = []
         for row, call in enumerate(calls):

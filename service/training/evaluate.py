@@ -17,7 +17,7 @@ import tensorflow as tf
 from numpy.typing import NDArray
 
 from service.data.dataset import ITEM_ID, LABEL, TRUE_PROBABILITY, USER_ID
-from service.ranking import rank
+from service.ranking import Allowed, rank
 from service.training import metrics
 from service.training.features import FeatureSchema, PositiveSequences, positive_sequences
 from service.training.model import ARCH_SEED, Recommender
@@ -108,9 +108,8 @@ def evaluate_model(model: Recommender, encoded: Encoded, data: EvalSet,
         u = users[part]
         pos.append(head(u, items[data.target_rows[part]][:, None, :])[:, 0])
         neg.append(head(u, items[np.maximum(data.negatives[part], 0)]))
-        allowed = np.ones((len(u), len(items)), dtype=bool)
-        for i, user in enumerate(range(part.start, part.stop)):
-            allowed[i, data.exclude.row(user)] = False
+        allowed = [Allowed(excluded=data.exclude.row(user))
+                   for user in range(part.start, part.stop)]
         top.append(rank(u, items, K, head, retrieval, depth, allowed)[0])
     result = ranking_metrics(np.concatenate(pos) if pos else np.zeros(0),
                              np.concatenate(neg) if neg else np.zeros((0, 99)),
