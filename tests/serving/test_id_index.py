@@ -31,6 +31,15 @@ def test_ids_at_gives_the_ids_back() -> None:
     assert index.ids_at(np.zeros(0, dtype=np.int64)) == []
 
 
+def test_one_id_lookups_on_a_slice_of_a_larger_array() -> None:
+    """row_of and ids_at read the ids' bytes in place: an Arrow array that starts inside its
+    buffers (a slice) must still give each id back."""
+    index = IdIndex(pa.array(["x", "y", *IDS]).slice(2))
+    assert [index.row_of(i) for i in IDS] == list(range(len(IDS)))
+    assert index.ids_at(np.arange(len(IDS))) == IDS
+    assert [index.row_of(i) for i in ("x", "nope", "\ud800", "é")] == [-1, -1, -1, -1]
+
+
 def test_digest_is_sha256_of_ids_each_ended_by_nul() -> None:
     want = hashlib.sha256(b"".join(i.encode() + b"\0" for i in IDS)).hexdigest()
     assert IdIndex(pa.array(IDS)).digest == want
