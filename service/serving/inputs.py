@@ -24,6 +24,8 @@ class UserQuery:
     # True when this is exactly a stored user (no request overrides): its embedding can be
     # cached for the version's lifetime.
     stored: bool = False
+    # The history's catalog rows when already known (a stored user's), else looked up.
+    seen_rows: tuple[int, ...] | None = None
 
 
 def padded_strings(rows: Sequence[Sequence[str]], width: int | None = None,

@@ -91,9 +91,10 @@ def check_signatures(saved_model: Any, spec: ModelSpec) -> None:
                                  f"{sorted(inputs)}")
 
 
-def read_tables(path: Path, spec: ModelSpec) -> tuple[pa.Table, StoredUsers]:
-    """The item table's ids and filter attributes (its other features are read in batches
-    when the item matrix is computed), and the stored users."""
+def read_tables(path: Path, spec: ModelSpec) -> tuple[IdIndex, AttributeIndex, StoredUsers]:
+    """The catalog's ids and filter attributes (the items' other features are read in batches
+    when the item matrix is computed), and the stored users, their histories linked to the
+    catalog's rows."""
     items_file, users_file = path / ASSETS_DIR / ITEMS_FILE, path / ASSETS_DIR / USERS_FILE
     features = spec.item_features
     user_features = list(spec.user_features.names)
@@ -105,24 +106,23 @@ def read_tables(path: Path, spec: ModelSpec) -> tuple[pa.Table, StoredUsers]:
             raise ModelLoadError(f"asset tables lack columns {sorted(missing)}")
         items = pq.read_table(items_file, columns=[ITEM_ID, *features.categorical,
                                                    *features.multi])
-        users = read_users(users_file, user_features)
     except ModelLoadError:
         raise
     except Exception as exc:  # pyarrow raises many kinds for a damaged file
         raise ModelLoadError(f"unreadable asset table: {exc}") from exc
     if items.num_rows == 0:
         raise ModelLoadError("the item table is empty: nothing to recommend")
-    return items, users
-
-
-def index_items(items: pa.Table, spec: ModelSpec) -> tuple[IdIndex, AttributeIndex]:
     try:
-        ids = IdIndex(items.column(ITEM_ID))
-        attributes = attribute_index(items, spec.item_features.categorical +
-                                     spec.item_features.multi)
+        item_index = IdIndex(items.column(ITEM_ID))
+        attributes = attribute_index(items, features.categorical + features.multi)
     except (ValueError, pa.ArrowException) as exc:
         raise ModelLoadError(f"the item table is unusable: {exc}") from exc
-    return ids, attributes
+    del items
+    try:
+        users = read_users(users_file, user_features, item_index)
+    except Exception as exc:  # a damaged file, or a table the users cannot be read from
+        raise ModelLoadError(f"unreadable asset table: {exc}") from exc
+    return item_index, attributes, users
 
 
 def item_ids(column: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
@@ -189,9 +189,7 @@ def load_version(name: str, version: int, path: Path) -> ModelVersion:
         raise ModelLoadError(f"SavedModel does not load: {type(exc).__name__}: "
                              f"{str(exc)[:300]}") from exc
     check_signatures(saved_model, spec)
-    items, users = read_tables(path, spec)
-    item_index, attributes = index_items(items, spec)
-    del items
+    item_index, attributes, users = read_tables(path, spec)
     # Arrow keeps freed buffers in its pool (about 90 MB after a million items' columns).
     pa.default_memory_pool().release_unused()
     loaded = ModelVersion(name, version, path, fingerprint, metadata, spec, item_index,

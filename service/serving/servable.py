@@ -121,7 +121,8 @@ class ServingModel:
         overrides = self.validated_features(features or {})
         merged.update(overrides)
         return UserQuery(user_id or "", merged, stored.history if stored else (),
-                         stored=stored is not None and not overrides)
+                         stored=stored is not None and not overrides,
+                         seen_rows=stored.seen_rows if stored else None)
 
     def validated_features(self, features: Mapping[str, Any]) -> dict[str, Any]:
         spec = self.spec.user_features
@@ -198,9 +199,12 @@ class ServingModel:
             for value in values:
                 keep[index.get(value, [])] = True
             mask = keep if mask is None else mask & keep
-        excluded = list(exclude_ids) + (list(query.history) if exclude_seen else [])
-        rows = self.rows_of(excluded)
-        return Allowed(mask, rows[rows >= 0])
+        rows = [self.rows_of(exclude_ids)]
+        if exclude_seen:
+            rows.append(np.array(query.seen_rows, np.intp) if query.seen_rows is not None
+                        else self.rows_of(query.history))
+        excluded = np.concatenate(rows)
+        return Allowed(mask, excluded[excluded >= 0])
 
     def recommend_many(self, calls: Sequence[RecommendCall]) -> list[Recommendation]:
         """Top-k per call, computed together: one user-tower call, one matrix product, one head

@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,14 +33,22 @@ BLOCK_ROWS = 8192
 class StoredUser:
     features: dict[str, Any]  # missing values left out: the tower treats them as missing
     history: tuple[str, ...]
+    # The catalog rows of the history's ids (those in the catalog), for exclude_seen; known
+    # only when the users were read against a catalog.
+    seen_rows: tuple[int, ...] | None = field(default=None, compare=False)
 
 
 class StoredUsers:
-    def __init__(self, table: pa.Table, feature_names: list[str]) -> None:
+    def __init__(self, table: pa.Table, feature_names: list[str],
+                 catalog: IdIndex | None = None) -> None:
         self.index = IdIndex(table.column(USER_ID), kind="user")
         self.features = {name: table.column(name).combine_chunks() for name in feature_names}
         self._starts, self._codes, self._history_ids = _encoded_histories(
             table.column(HISTORY_COLUMN).combine_chunks())
+        # Each distinct history id's catalog row (-1: not in the catalog), looked up once here
+        # instead of on every request that excludes what the user has seen.
+        self._catalog_rows = (catalog.rows_of(self._history_ids.to_pylist())
+                              if catalog is not None else None)
         # The distinct ids' UTF-8 bytes and where each starts, read in place for one user: an
         # Arrow call per request costs 30 to 60 us.
         _, id_starts, id_bytes = self._history_ids.buffers()
@@ -55,8 +63,12 @@ class StoredUsers:
         row = self.index.row_of(user_id)
         if row < 0:
             return None
-        return _user({name: column[row].as_py() for name, column in self.features.items()},
+        user = _user({name: column[row].as_py() for name, column in self.features.items()},
                      self._history(row))
+        if self._catalog_rows is None:
+            return user
+        seen = self._catalog_rows[self._codes[self._starts[row]:self._starts[row + 1]]]
+        return StoredUser(user.features, user.history, tuple(seen[seen >= 0].tolist()))
 
     def items(self) -> Iterator[tuple[str, StoredUser]]:
         """Every (id, user), in table order."""
@@ -82,9 +94,10 @@ class StoredUsers:
         return [tuple(names[a:b]) for a, b in itertools.pairwise(starts)]
 
 
-def read_users(path: Path, feature_names: list[str]) -> StoredUsers:
+def read_users(path: Path, feature_names: list[str],
+               catalog: IdIndex | None = None) -> StoredUsers:
     return StoredUsers(pq.read_table(path, columns=[USER_ID, HISTORY_COLUMN, *feature_names]),
-                       feature_names)
+                       feature_names, catalog)
 
 
 def _encoded_histories(history: pa.Array) -> tuple[NDArray[np.int64], NDArray[np.int32],

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from service.serving.id_index import DuplicateIds
+from service.serving.id_index import DuplicateIds, IdIndex
 from service.serving.users import BLOCK_ROWS, StoredUser, read_users
 
 FEATURES = ["gender", "age", "langs"]
@@ -37,6 +37,20 @@ def test_a_user_comes_back_with_missing_values_left_out(tmp_path: Path) -> None:
     assert users.get("7") == StoredUser({}, ())
     assert users.get("é🙂") == StoredUser({"gender": "F", "langs": []}, ("1", "2"))
     assert users.get("unknown") is None and users.get("") is None
+
+
+def test_read_against_a_catalog_a_user_knows_the_rows_it_has_seen(tmp_path: Path) -> None:
+    """exclude_seen needs the history's catalog rows: looked up once when the users are read,
+    ids missing from the catalog left out, repeats kept (excluding twice is harmless)."""
+    catalog = IdIndex(pa.array(["302", "1", "242", "9"]))
+    users = read_users(write(tmp_path / "users.parquet", [
+        {"user_id": "196", "history": ["242", "302", "gone", "242"]},
+        {"user_id": "7", "history": None}]), FEATURES, catalog)
+    seen = {user_id: user.seen_rows for user_id in ("196", "7")
+            if (user := users.get(user_id)) is not None}
+    assert seen == {"196": (2, 0, 2), "7": ()}
+    unlinked = read_users(tmp_path / "users.parquet", FEATURES).get("7")
+    assert unlinked is not None and unlinked.seen_rows is None
 
 
 def test_walking_every_user_agrees_with_lookups(tmp_path: Path) -> None:
