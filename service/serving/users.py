@@ -63,12 +63,8 @@ class StoredUsers:
         row = self.index.row_of(user_id)
         if row < 0:
             return None
-        user = _user({name: column[row].as_py() for name, column in self.features.items()},
-                     self._history(row))
-        if self._catalog_rows is None:
-            return user
-        seen = self._catalog_rows[self._codes[self._starts[row]:self._starts[row + 1]]]
-        return StoredUser(user.features, user.history, tuple(seen[seen >= 0].tolist()))
+        return _user({name: column[row].as_py() for name, column in self.features.items()},
+                     self._history(row), self._seen_rows(row))
 
     def items(self) -> Iterator[tuple[str, StoredUser]]:
         """Every (id, user), in table order."""
@@ -80,6 +76,12 @@ class StoredUsers:
             for n, (user_id, history) in enumerate(zip(ids, histories, strict=True)):
                 yield user_id, _user({name: values[n] for name, values in features.items()},
                                      history)
+
+    def _seen_rows(self, row: int) -> tuple[int, ...] | None:
+        if self._catalog_rows is None:
+            return None
+        seen = self._catalog_rows[self._codes[self._starts[row]:self._starts[row + 1]]]
+        return tuple(seen[seen >= 0].tolist())
 
     def _history(self, row: int) -> tuple[str, ...]:
         codes = self._codes[self._starts[row]:self._starts[row + 1]]
@@ -115,9 +117,10 @@ def _encoded_histories(history: pa.Array) -> tuple[NDArray[np.int64], NDArray[np
     return starts, encoded.indices.to_numpy(), encoded.dictionary
 
 
-def _user(features: dict[str, Any], history: tuple[str, ...]) -> StoredUser:
+def _user(features: dict[str, Any], history: tuple[str, ...],
+          seen_rows: tuple[int, ...] | None = None) -> StoredUser:
     return StoredUser({name: value for name, value in features.items() if not _missing(value)},
-                      history)
+                      history, seen_rows)
 
 
 def _missing(value: Any) -> bool:
