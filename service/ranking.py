@@ -111,9 +111,11 @@ def best_k(candidates: NDArray[np.int64], values: NDArray[np.float32],
     return np.concatenate([above, tied[:k - len(above)]])
 
 
-# From this catalog size on, the matrix product is split across the cores: a query against
-# 1M items reads 256 MB (memory-bound), and two cores read nearly twice as fast.
-PARALLEL_MIN_ITEMS = 500_000
+# A lone user's product over this many items or more is split across the cores: it is
+# memory-bound, and two cores read nearly twice as fast (one user against 100k x 64: 1.02 ->
+# 0.65 ms; against 1M: 12.4 -> 9.8 ms). A batch of users means concurrent requests, which keep
+# the other cores busy already: split, its threads' handoffs cost more than they saved.
+PARALLEL_MIN_ITEMS = 50_000
 
 
 @functools.cache
@@ -127,11 +129,11 @@ def inner_products(users: NDArray[np.float32], items: NDArray[np.float32]
     """items @ users.T: [N, U], one column per user.
 
     This way round, not users @ items.T: OpenBLAS took 10 ms for 16 users against 100k x 64
-    items that way and 3 ms this way (1.4 ms for one user either way). Large catalogs go in row
-    blocks on parallel threads (BLAS releases the GIL; each call stays single-threaded under
-    OPENBLAS_NUM_THREADS=1)."""
+    items that way and 3 ms this way (1.4 ms for one user either way). A lone user's large
+    product goes in row blocks on parallel threads (BLAS releases the GIL; each call stays
+    single-threaded under OPENBLAS_NUM_THREADS=1)."""
     workers = os.cpu_count() or 1
-    if workers == 1 or items.shape[0] < PARALLEL_MIN_ITEMS:
+    if workers == 1 or items.shape[0] < PARALLEL_MIN_ITEMS or users.shape[0] > 1:
         return items @ users.T
     out = np.empty((items.shape[0], users.shape[0]), dtype=np.float32)
     bounds = np.linspace(0, items.shape[0], workers + 1).astype(int)
