@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     retrieval_index: Literal["exact", "ivf"] = "exact"
     """How retrieval by u·c finds its candidates: "exact" scores every item; "ivf" asks an
     approximate Faiss index (for catalogs of about a million items and more)."""
+    precompute_users: bool = True
+    """Compute every stored user's embedding in the background once a version is served
+    (otherwise each on the user's first request); 4·d bytes per stored user."""
     ann_nprobe: int = Field(32, ge=1)
     """Lists of the approximate index searched per user: more is slower and closer to exact."""
     batch_max_size: int = Field(32, ge=1)

@@ -21,9 +21,9 @@ class UserQuery:
     user_id: str = ""
     features: dict[str, Any] = field(default_factory=dict)
     history: tuple[str, ...] = ()
-    # True when this is exactly a stored user (no request overrides): its embedding can be
-    # cached for the version's lifetime.
-    stored: bool = False
+    # The user's row in the version's user table when this is exactly a stored user (no
+    # request overrides): its embedding is then computed once per version.
+    stored_row: int | None = None
     # The history's catalog rows when already known (a stored user's), else looked up.
     seen_rows: tuple[int, ...] | None = None
 

@@ -82,6 +82,7 @@ class ModelManager:
                 serving = self._load(number, path, refused)
                 if serving is not None:
                     self._switch(serving)
+                    self._precompute_users(serving)
                     break
             if refused and self.current is None:
                 self.last_error = "; ".join(f"version {n}: {r}" for n, r in refused.items())
@@ -178,6 +179,20 @@ class ModelManager:
             return
         users.put_many(key, ((uid, json.dumps({k: _plain(v) for k, v in serving.user_record(
             uid, user).items()}, allow_nan=False).encode()) for uid, user in serving.users.items()))
+
+    def _precompute_users(self, serving: ServingModel) -> None:
+        """Stored users' embeddings in the background, after readiness (never delaying it);
+        the pass stops if another version is switched in meanwhile."""
+        if not self.settings.precompute_users or not len(serving.users):
+            return
+
+        def run() -> None:
+            try:
+                serving.precompute_users(keep_going=lambda: self.current is serving)
+            except Exception:  # requests still compute any user on their own
+                log.exception("computing the stored users' embeddings failed")
+
+        threading.Thread(target=run, name="user-embeddings", daemon=True).start()
 
     def _switch(self, serving: ServingModel) -> None:
         # Metrics first: whoever sees the new version ready also sees it counted.

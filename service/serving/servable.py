@@ -1,13 +1,13 @@
 """A model version ready to serve: signatures, the item matrix, and the indexes requests use.
 
-Immutable once built (but for a memo of stored users' embeddings); the manager swaps whole
-instances, so a request that took a reference runs entirely on one version.
+Immutable once built (but for its stored users' embeddings, each computed once); the manager
+swaps whole instances, so a request that took a reference runs entirely on one version.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,10 +22,9 @@ from service.serving.ann import ApproximateIndex
 from service.serving.errors import InvalidFeature, UnknownFeature, UnknownFilter
 from service.serving.inputs import UserQuery, item_inputs, user_inputs
 from service.serving.loader import ModelVersion, item_batches
+from service.serving.user_embeddings import UserEmbeddings
 from service.serving.users import StoredUser
 
-# Stored users whose embeddings are kept (64 floats each: 1M users = 256 MB at most).
-USER_CACHE_SIZE = 1_000_000
 # Far beyond any real feature, and safely inside float32 after standardisation.
 MAX_ABS_NUMERIC = 1e30
 
@@ -92,7 +91,7 @@ class ServingModel:
         self.item_index = version.item_index
         self.attributes = version.item_attributes
         self.users = version.users
-        self.embeddings: dict[str, NDArray[np.float32]] = {}
+        self.user_embeddings = UserEmbeddings(len(self.users), version.spec.embedding_dim)
 
     def user_record(self, user_id: str, user: StoredUser) -> dict[str, Any]:
         """A stored user as published to Redis: id, history and every feature (None if
@@ -121,7 +120,7 @@ class ServingModel:
         overrides = self.validated_features(features or {})
         merged.update(overrides)
         return UserQuery(user_id or "", merged, stored.history if stored else (),
-                         stored=stored is not None and not overrides,
+                         stored_row=stored.row if stored is not None and not overrides else None,
                          seen_rows=stored.seen_rows if stored else None)
 
     def validated_features(self, features: Mapping[str, Any]) -> dict[str, Any]:
@@ -145,20 +144,34 @@ class ServingModel:
         return out
 
     def embed(self, queries: Sequence[UserQuery]) -> NDArray[np.float32]:
-        """User embeddings; stored users come from a per-version cache after their first
-        request (the user tower is a third of a lone request's time)."""
-        cached = [self.embeddings.get(q.user_id) if q.stored else None for q in queries]
+        """User embeddings; a stored user's is computed once per version (user_embeddings)."""
+        cached = [self.user_embeddings.get(q.stored_row) if q.stored_row is not None else None
+                  for q in queries]
         missing = [n for n, e in enumerate(cached) if e is None]
         if missing:
-            inputs = user_inputs(self.spec.user_features, self.spec.history_length,
-                                 [queries[n] for n in missing])
-            computed = np.asarray(self.version.user_tower(**inputs)[USER_EMBEDDING],
-                                  dtype=np.float32)
-            for n, embedding in zip(missing, computed, strict=True):
-                cached[n] = embedding
-                if queries[n].stored and len(self.embeddings) < USER_CACHE_SIZE:
-                    self.embeddings[queries[n].user_id] = embedding.copy()
+            computed = self.user_tower([queries[n] for n in missing])
+            stored = [(i, row) for i, n in enumerate(missing)
+                      if (row := queries[n].stored_row) is not None]
+            if stored:
+                self.user_embeddings.put([row for _, row in stored],
+                                         computed[[i for i, _ in stored]])
+            for i, n in enumerate(missing):
+                row = queries[n].stored_row
+                # The kept value, should another thread have computed this user first.
+                cached[n] = computed[i] if row is None else self.user_embeddings.get(row)
         return np.stack([e for e in cached if e is not None])
+
+    def user_tower(self, queries: Sequence[UserQuery]) -> NDArray[np.float32]:
+        inputs = user_inputs(self.spec.user_features, self.spec.history_length, queries)
+        return np.asarray(self.version.user_tower(**inputs)[USER_EMBEDDING], dtype=np.float32)
+
+    def precompute_users(self, keep_going: Callable[[], bool] = lambda: True) -> int:
+        """Every stored user's embedding not computed yet (see user_embeddings); stops early
+        once ``keep_going()`` is false. Returns how many it computed."""
+        queries = ((user.row, UserQuery(user_id, user.features, user.history,
+                                        stored_row=user.row))
+                   for user_id, user in self.users.items())
+        return self.user_embeddings.fill(queries, self.user_tower, keep_going)
 
     # -- scoring ----------------------------------------------------------------------------
 

@@ -36,6 +36,7 @@ class StoredUser:
     # The catalog rows of the history's ids (those in the catalog), for exclude_seen; known
     # only when the users were read against a catalog.
     seen_rows: tuple[int, ...] | None = field(default=None, compare=False)
+    row: int = field(default=-1, compare=False)  # in the user table
 
 
 class StoredUsers:
@@ -60,7 +61,7 @@ class StoredUsers:
         if row < 0:
             return None
         return _user({name: column[row].as_py() for name, column in self.features.items()},
-                     self._history(row), self._seen_rows(row))
+                     self._history(row), row, self._seen_rows(row))
 
     def items(self) -> Iterator[tuple[str, StoredUser]]:
         """Every (id, user), in table order."""
@@ -71,7 +72,7 @@ class StoredUsers:
             histories = self._histories(start, start + len(ids))
             for n, (user_id, history) in enumerate(zip(ids, histories, strict=True)):
                 yield user_id, _user({name: values[n] for name, values in features.items()},
-                                     history)
+                                     history, start + n)
 
     def _seen_rows(self, row: int) -> tuple[int, ...] | None:
         if self._catalog_rows is None:
@@ -111,10 +112,10 @@ def _encoded_histories(history: pa.Array) -> tuple[NDArray[np.int64], NDArray[np
     return starts, encoded.indices.to_numpy(), encoded.dictionary
 
 
-def _user(features: dict[str, Any], history: tuple[str, ...],
+def _user(features: dict[str, Any], history: tuple[str, ...], row: int,
           seen_rows: tuple[int, ...] | None = None) -> StoredUser:
     return StoredUser({name: value for name, value in features.items() if not _missing(value)},
-                      history, seen_rows)
+                      history, seen_rows, row)
 
 
 def _missing(value: Any) -> bool:
