@@ -153,8 +153,7 @@ def evaluate_popularity(counts: NDArray[np.float64], data: EvalSet) -> dict[str,
     n_users = len(data.targets)
     pos = scores[data.target_rows]
     neg = scores[np.maximum(data.negatives, 0)] if n_users else np.zeros((0, 99))
-    top = metrics.top_k_excluding(np.broadcast_to(scores, (n_users, len(scores))),
-                                  data.exclude, K) if n_users else np.zeros((0, K), np.int64)
+    top = metrics.top_k_of_one_ranking(scores, data.exclude, K)
     result = ranking_metrics(pos, neg, top, data)
     result.pop("logloss", None)  # counts are no probabilities
     if data.pointwise is not None:

@@ -308,6 +308,30 @@ def top_k_excluding(scores: ArrayLike, exclude: UserItemSets | Sequence[ArrayLik
     return top
 
 
+def top_k_of_one_ranking(scores: ArrayLike, exclude: UserItemSets, k: int
+                         ) -> NDArray[np.int64]:
+    """top_k_excluding for one score per item shared by every row (popularity), with the same
+    ties, NaN and padding rules: the catalog is sorted once, and each row takes the first k
+    items of that order it does not exclude. [U, N] cells cost minutes at 37k users x 100k
+    items; this costs one sort and a few array calls per row."""
+    values = np.asarray(scores, dtype=np.float64)
+    n_items = len(values)
+    # NaN and -inf rank last, as in top_k_excluding; ties: the lower index first.
+    key = np.where(values > -np.inf, values, -np.inf)
+    order = np.lexsort((np.arange(n_items), -key))
+    rank_of = np.empty(n_items, dtype=np.int64)
+    rank_of[order] = np.arange(n_items)
+    top = np.full((len(exclude), k), PAD, dtype=np.int64)
+    for user in range(len(exclude)):
+        skipped = np.sort(rank_of[exclude.row(user)])
+        # Allowed slots before each skipped rank: the j-th allowed item's rank is j plus the
+        # skipped ranks at or before it.
+        before = skipped - np.arange(len(skipped))
+        slots = np.arange(min(k, n_items - len(skipped)))
+        top[user, :len(slots)] = order[slots + np.searchsorted(before, slots, side="right")]
+    return top
+
+
 def _top_k_rows(scores: NDArray[np.generic], sets: UserItemSets, first_row: int,
                 k: int) -> NDArray[np.int64]:
     """top_k_excluding for a block of rows starting at first_row; min(k, N) columns."""

@@ -257,3 +257,18 @@ def test_top_k_chunks_rows_and_matches_a_plain_sort(monkeypatch: pytest.MonkeyPa
     view = np.broadcast_to(scores[0], (7, 5))
     best_two = np.argsort(-scores[0], kind="stable")[:2].tolist()
     assert top_k_excluding(view, [[]] * 7, k=2).tolist() == [best_two] * 7
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_one_ranking_for_every_row_equals_top_k_excluding(seed: int) -> None:
+    # Many ties, NaN and -inf among the scores, and rows left with fewer than k allowed items.
+    rng = np.random.default_rng(seed)
+    n_items, n_users, k = 12, 40, 5
+    scores = rng.integers(0, 4, n_items).astype(np.float32)
+    scores[rng.choice(n_items, 3, replace=False)] = [np.nan, -np.inf, np.nan]
+    exclude = UserItemSets.from_lists(
+        [rng.choice(n_items, int(rng.integers(0, n_items + 1)), replace=False)
+         for _ in range(n_users)], n_items)
+    expected = top_k_excluding(np.broadcast_to(scores, (n_users, n_items)), exclude, k)
+    assert (expected == PAD).any() and (expected != PAD).any()
+    assert metrics.top_k_of_one_ranking(scores, exclude, k).tolist() == expected.tolist()
