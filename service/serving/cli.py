@@ -43,6 +43,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Threaded numpy inside a threaded server collapses throughput (GUIDE §3); must be set
     # before numpy is imported, and worker processes inherit it.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    # TensorFlow's thread pools likewise: every core already runs a worker's event loop or
+    # batch thread (32 connections on 2 workers, three alternations each: 1,168-1,228 ->
+    # 1,269-1,304 req/s, 7% less CPU per request; the item matrix was no slower to compute).
+    os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
+    os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     problem = configuration_problem()
     if problem:
