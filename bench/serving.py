@@ -663,7 +663,10 @@ def run(args: argparse.Namespace, workdir: Path, rows: list[Row], raw: dict[str,
                             num(report["throughput_rps"], 2), num(report["p50_ms"], 0),
                             num(report["p99_ms"], 0),
                             f"naive p50 / a p50 = {ratio:.0f}x" if ratio else "(a not run)",
-                            ">=200x", verdict(ratio >= 200 if ratio else None)))
+                            # The baseline is the model on every pair; the towers and
+                            # head once per request is a kinder one, shown for scale only.
+                            ">=200x" if pairs else "(kinder; none)",
+                            verdict(ratio >= 200 if ratio else None) if pairs else ""))
 
     # -- ready from Redis: g --------------------------------------------------------------------
     if "g" in wanted:
