@@ -68,3 +68,29 @@ def test_the_data_chooses_the_history_encoder() -> None:
 
     assert history_encoder_for(has_labels=False) == HISTORY_ATTENTION
     assert history_encoder_for(has_labels=True) == HISTORY_POOL
+
+
+@pytest.mark.parametrize("heads", [1, 2])
+def test_one_query_attention_equals_keras_multi_head_attention(heads: int) -> None:
+    # The last block's shortcut (projections on the query's side) against the Keras layer
+    # whose weights it uses, with empty, partly and fully masked rows. Dropout above 0, as
+    # trained: Keras takes another path (uniform weights over a fully masked row) without it.
+    import tensorflow as tf
+
+    from service.training.model import AttentionBlock
+
+    rng = np.random.default_rng(heads)
+    block = AttentionBlock(8, heads, dropout=0.2)
+    queries = tf.constant(rng.normal(size=(5, 1, 8)), tf.float32)
+    keys = tf.constant(rng.normal(size=(5, 6, 8)), tf.float32)
+    mask = tf.constant(rng.random((5, 1, 6)) < 0.6)
+    mask = tf.concat([mask[:3], tf.zeros([1, 1, 6], tf.bool), tf.ones([1, 1, 6], tf.bool)], 0)
+    block(queries, keys, mask)
+    for layer in (block.attention.query_dense, block.attention.key_dense,
+                  block.attention.value_dense, block.attention.output_dense):
+        layer.bias.assign(rng.normal(size=layer.bias.shape))  # biases start at zero
+    shortcut = block(queries, keys, mask).numpy()
+    normed, normed_keys = block.attention_norm(queries), block.attention_norm(keys)
+    x = queries + block.attention(normed, normed_keys, attention_mask=mask)
+    reference = (x + block.ffn[2](block.ffn[0](block.ffn_norm(x)))).numpy()
+    np.testing.assert_allclose(shortcut, reference, rtol=1e-5, atol=1e-5)
