@@ -48,7 +48,8 @@ class Settings(BaseSettings):
     approximate Faiss index (for catalogs of about a million items and more)."""
     precompute_users: bool = True
     """Compute every stored user's embedding in the background once a version is served
-    (otherwise each on the user's first request); 4·d bytes per stored user."""
+    (otherwise each on the user's first request); 4·d bytes per stored user, for at most a
+    million users per process (the others are computed on each request)."""
     ann_nprobe: int = Field(32, ge=1)
     """Lists of the approximate index searched per user: more is slower and closer to exact."""
     batch_max_size: int = Field(32, ge=1)

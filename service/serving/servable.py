@@ -158,7 +158,8 @@ class ServingModel:
             for i, n in enumerate(missing):
                 row = queries[n].stored_row
                 # The kept value, should another thread have computed this user first.
-                cached[n] = computed[i] if row is None else self.user_embeddings.get(row)
+                kept = self.user_embeddings.get(row) if row is not None else None
+                cached[n] = computed[i] if kept is None else kept
         return np.stack([e for e in cached if e is not None])
 
     def user_tower(self, queries: Sequence[UserQuery]) -> NDArray[np.float32]:

@@ -94,3 +94,36 @@ def test_without_the_bulk_pass_a_user_is_computed_on_the_first_request_only(
         assert got["scores"][0]["score"] == np.float32(want).item()
         assert model.user_embeddings.known.sum() == 1
         np.testing.assert_array_equal(model.user_embeddings.matrix[user.row], kept)
+
+
+def test_at_most_limit_users_are_kept() -> None:
+    store = UserEmbeddings(10, 1, limit=3)
+    store.put([0, 1], np.array([[0], [1]], np.float32))
+    store.put([1, 2, 3, 4], np.array([[9], [2], [3], [4]], np.float32))
+    assert store.known.tolist() == [True, True, True] + [False] * 7 and store.full
+    assert store.matrix[:3, 0].tolist() == [0, 1, 2]
+    fresh = UserEmbeddings(FILL_BATCH * 3, 1, limit=FILL_BATCH + 1)
+    fresh.fill(((row, row) for row in range(FILL_BATCH * 3)),
+               lambda batch: np.array(batch, np.float32)[:, None])
+    assert fresh.kept == FILL_BATCH + 1 and fresh.known.sum() == FILL_BATCH + 1
+
+
+def test_users_beyond_the_limit_are_computed_on_every_request(model_store: Path,
+                                                              redis_url: str) -> None:
+    with started_client(make_settings(model_store, redis_url, precompute_users=False)) as client:
+        model = served(client)
+        model.user_embeddings = UserEmbeddings(len(model.users), model.spec.embedding_dim,
+                                               limit=1)
+        (first_id, first), (second_id, second) = list(model.users.items())[:2]
+        for user_id in (first_id, second_id, second_id):
+            got = ok_json(client.post("/v1/recommend", json={"user": {"id": user_id}, "k": 3}))
+            assert len(got["items"]) == 3
+        known = model.user_embeddings.known
+        assert known[first.row] and not known[second.row]
+        # The second user, never kept, still gets what the tower computes for them alone.
+        item = model.item_index.ids_at(np.array([0]))[0]
+        got = ok_json(client.post("/v1/score", json={"user": {"id": second_id},
+                                                     "item_ids": [item]}))
+        alone = model.user_tower([UserQuery(second_id, second.features, second.history)])
+        want = model.head(alone, model.item_matrix[[0]][None])[0, 0]
+        assert got["scores"][0]["score"] == np.float32(want).item()
