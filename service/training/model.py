@@ -187,13 +187,16 @@ class HistoryAttention(keras.layers.Layer):
         x = self.item_ids(history) * self.scale + self.positions(age)[None]
         x = self.input_dropout(x, training=training) * present
         keys = history > 0
-        mask = tf.logical_and(keys[:, None, :], keys[:, :, None])
-        # Causal, as SASRec: a slot sees only older items (the newest slot sees them all).
-        mask = tf.logical_and(mask, tf.linalg.band_part(
-            tf.ones([width, width], tf.bool), -1, 0)[None])
-        for block in self.blocks[:-1]:
-            x = block(x, x, mask, training=training) * present
-        newest = self.blocks[-1](x[:, -1:], x, mask[:, -1:], training=training)
+        if len(self.blocks) > 1:
+            mask = tf.logical_and(keys[:, None, :], keys[:, :, None])
+            # Causal, as SASRec: a slot sees only older items (the newest slot sees them all).
+            mask = tf.logical_and(mask, tf.linalg.band_part(
+                tf.ones([width, width], tf.bool), -1, 0)[None])
+            for block in self.blocks[:-1]:
+                x = block(x, x, mask, training=training) * present
+        # The newest slot's row of that mask, without the [B, T, T] one when no block needs it.
+        newest_mask = tf.logical_and(keys[:, None, :], keys[:, -1:, None])
+        newest = self.blocks[-1](x[:, -1:], x, newest_mask, training=training)
         return self.norm(newest[:, 0]) * present[:, -1]
 
 
