@@ -11,6 +11,7 @@ from service.ranking import (
     Allowed,
     inner_products,
     rank,
+    reaching,
     top_k_indices,
     top_k_of_columns,
 )
@@ -34,10 +35,24 @@ def test_top_k_matches_argsort(n: int, k: int) -> None:
     scores[4] = np.sort(scores[4])                            # adversarial order
     want = reference(scores, k)
     finite = np.isfinite(np.take_along_axis(scores, want, axis=1))
-    # Rows of scores, and columns of the retrieval's [N, U] matrix in either memory order.
+    # Rows of scores, and columns of the retrieval's [N, U] matrix in either memory order or
+    # as the first columns of a wider one (inner_products' padded product), or of a view.
+    wider = np.zeros((n, 8), dtype=np.float32)
+    wider[:, :6] = scores.T
     for got in (top_k_indices(scores, k), top_k_of_columns(np.ascontiguousarray(scores.T), k),
-                top_k_of_columns(scores.T, k)):
+                top_k_of_columns(scores.T, k), top_k_of_columns(wider, k, columns=6),
+                top_k_of_columns(wider[:, :6], k)):
         assert np.array_equal(np.where(finite, got, -1), np.where(finite, want, -1))
+
+
+@pytest.mark.parametrize(("n", "width"), [(1000, 3), (1024, 8), (77, 2000)])
+def test_reaching_is_flatnonzero_of_the_compare(n: int, width: int) -> None:
+    """Rows folded into lines (with a remainder of rows, or one row a line) change nothing."""
+    rng = np.random.default_rng(width)
+    scores = rng.standard_normal((n, width)).astype(np.float32)
+    thresholds = rng.standard_normal(width).astype(np.float32)
+    thresholds[0] = np.inf
+    assert np.array_equal(reaching(scores, thresholds), np.flatnonzero(scores >= thresholds))
 
 
 @pytest.mark.parametrize("retrieval", [RETRIEVAL_DOT, RETRIEVAL_EXHAUSTIVE])
@@ -62,11 +77,16 @@ def test_rank_with_full_depth_is_a_brute_force_ranking(retrieval: str) -> None:
     assert np.allclose(scores, np.take_along_axis(full, indices, axis=1), atol=1e-5)
 
 
-def test_parallel_inner_products_equal_the_plain_product() -> None:
-    rng = np.random.default_rng(3)
-    users = rng.standard_normal((8, 16)).astype(np.float32)
+@pytest.mark.parametrize("n_users", [1, 2, 3, 7, 8, 13])
+def test_inner_products_equal_the_plain_product(n_users: int) -> None:
+    """One user's product split across threads, and batches padded with zero users."""
+    rng = np.random.default_rng(n_users)
+    users = rng.standard_normal((n_users, 16)).astype(np.float32)
     items = rng.standard_normal((PARALLEL_MIN_ITEMS + 123, 16)).astype(np.float32)
-    assert np.allclose(inner_products(users, items), items @ users.T, atol=1e-5)
+    got = inner_products(users, items)
+    assert got.flags.c_contiguous and got.shape[1] >= n_users
+    assert np.allclose(got[:, :n_users], items @ users.T, atol=1e-5)
+    assert not got[:, n_users:].any()
 
 
 def test_rank_with_proposed_candidates_and_its_fallback() -> None:
