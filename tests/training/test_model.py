@@ -94,3 +94,26 @@ def test_one_query_attention_equals_keras_multi_head_attention(heads: int) -> No
     x = queries + block.attention(normed, normed_keys, attention_mask=mask)
     reference = (x + block.ffn[2](block.ffn[0](block.ffn_norm(x)))).numpy()
     np.testing.assert_allclose(shortcut, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_factored_head_equals_the_mlp_over_the_concatenation() -> None:
+    """The head's first layer, factored per user and per candidate, against the Dense layers
+    it uses called on [u, c, u⊙c] as written."""
+    import tensorflow as tf
+
+    from service.training.model import InteractionHead
+
+    rng = np.random.default_rng(0)
+    head = InteractionHead(ModelConfig(head_hidden=(16, 8)))
+    users = tf.constant(rng.normal(size=(3, 6)), tf.float32)
+    items = tf.constant(rng.normal(size=(3, 5, 6)), tf.float32)
+    head(users, items)
+    for layer in (*head.mlp, head.out):
+        layer.bias.assign(rng.normal(size=layer.bias.shape))  # biases start at zero
+    u = tf.broadcast_to(users[:, None], items.shape)
+    x = tf.concat([u, items, u * items], axis=-1)
+    for layer in head.mlp:
+        x = layer(x)
+    reference = head.dot_weight * tf.reduce_sum(u * items, -1) + tf.squeeze(head.out(x), -1)
+    np.testing.assert_allclose(head(users, items).numpy(), reference.numpy(), rtol=1e-5,
+                               atol=1e-5)
