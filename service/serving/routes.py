@@ -35,13 +35,17 @@ probes = APIRouter()
 
 
 # Async: validation runs on the event loop, model work in the runner's thread (never here).
+# The hot routes read the plane off the app rather than through Depends: FastAPI's
+# dependency machinery parses the query string and more on every request.
 @api.post("/score", response_model=ScoreResponse)
-async def score(body: ScoreRequest, plane: Plane) -> ScoreResponse:
+async def score(body: ScoreRequest, request: Request) -> ScoreResponse:
+    plane: DataPlane = request.app.state.dataplane
     return await plane.score(body)
 
 
 @api.post("/recommend", response_model=RecommendResponse)
-async def recommend(body: RecommendRequest, plane: Plane) -> RecommendResponse:
+async def recommend(body: RecommendRequest, request: Request) -> RecommendResponse:
+    plane: DataPlane = request.app.state.dataplane
     return await plane.recommend(body)
 
 
