@@ -1,4 +1,5 @@
-"""The user tower's history encoder: what serving relies on (padding, window width, order)."""
+"""The model's layers: the history encoder as serving relies on it (padding, window width,
+order), and the shortcuts that must compute what the Keras layers they use compute."""
 
 from __future__ import annotations
 
