@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.model_format import content_fingerprint
+from service.serving.schemas import RecommendResponse, ScoreResponse
 
 from .helpers import (
     assert_error,
@@ -127,6 +128,16 @@ def test_score_keeps_order_and_lists_unknown_ids(client: TestClient) -> None:
     assert body["unknown_item_ids"] == ["nope-1", "nope-2"]
     for entry in body["scores"]:
         assert 0.0 <= entry["score"] <= 1.0 and math.isfinite(entry["score"])
+
+
+def test_hot_bodies_are_exactly_their_documented_models(client: TestClient) -> None:
+    """/v1/score and /v1/recommend answer bytes built outside pydantic: each body must still
+    be its OpenAPI response model, key for key."""
+    scored = score(client, {"user": {"id": "u1"}, "item_ids": ["i7", "nope"]})
+    assert ScoreResponse.model_validate(scored).model_dump() == scored
+    recommended = recommend(client, {"user": {"id": "u1"}, "k": 3})
+    assert RecommendResponse.model_validate(recommended).model_dump() == recommended
+    assert len(recommended["items"]) == 3
 
 
 def test_score_empty_item_ids(client: TestClient) -> None:
