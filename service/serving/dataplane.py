@@ -49,7 +49,7 @@ class DataPlane:
         query = model.query(request.user.id, request.user.features)
         known, rows, unknown = model.lookup(request.item_ids)
         scores = await self.runner.score(model, ScoreCall(query, rows)) if rows else []
-        return {"model": ref_body(model),
+        return {"model": model_ref(model),
                 "scores": [{"item_id": i, "score": s} for i, s in zip(known, scores, strict=True)],
                 "unknown_item_ids": unknown}
 
@@ -64,7 +64,7 @@ class DataPlane:
         allowed = model.allowed(query, request.exclude_item_ids, request.exclude_seen,
                                 request.filters)
         items = await self.runner.recommend(model, RecommendCall(query, request.k, allowed))
-        return {"model": ref_body(model),
+        return {"model": model_ref(model),
                 "items": [{"item_id": i, "score": s} for i, s in items]}
 
     def describe(self) -> ModelDescription:
@@ -86,7 +86,7 @@ class DataPlane:
             raise VersionRefused("refused " + "; ".join(
                 f"version {n}: {why}" for n, why in sorted(result.refused.items())) + serving)
         model = self.model()
-        return ReloadResponse(model=ref(model), changed=result.changed)
+        return ReloadResponse(model=ModelRef(**model_ref(model)), changed=result.changed)
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         current = self.manager.current
@@ -107,9 +107,5 @@ class DataPlane:
         return True, {"status": "ready" if redis_ok else "degraded", "checks": checks}
 
 
-def ref(model: ServingModel) -> ModelRef:
-    return ModelRef(name=model.name, version=model.number)
-
-
-def ref_body(model: ServingModel) -> dict[str, Any]:
+def model_ref(model: ServingModel) -> dict[str, Any]:
     return {"name": model.name, "version": model.number}

@@ -21,10 +21,14 @@ from service.serving.schemas import (
 )
 
 
-async def dataplane(request: Request) -> DataPlane:
-    # async: a plain function would be sent to the thread pool on every request.
+def plane_of(request: Request) -> DataPlane:
     plane: DataPlane = request.app.state.dataplane
     return plane
+
+
+async def dataplane(request: Request) -> DataPlane:
+    # async: a plain function would be sent to the thread pool on every request.
+    return plane_of(request)
 
 
 Plane = Annotated[DataPlane, Depends(dataplane)]
@@ -41,14 +45,12 @@ probes = APIRouter()
 # orjson bytes: the response models document the bodies (see DataPlane.score).
 @api.post("/score", response_model=ScoreResponse)
 async def score(body: ScoreRequest, request: Request) -> Response:
-    plane: DataPlane = request.app.state.dataplane
-    return json_bytes(await plane.score(body))
+    return json_bytes(await plane_of(request).score(body))
 
 
 @api.post("/recommend", response_model=RecommendResponse)
 async def recommend(body: RecommendRequest, request: Request) -> Response:
-    plane: DataPlane = request.app.state.dataplane
-    return json_bytes(await plane.recommend(body))
+    return json_bytes(await plane_of(request).recommend(body))
 
 
 def json_bytes(body: dict[str, Any]) -> Response:
