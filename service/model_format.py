@@ -24,10 +24,14 @@ HISTORY_COLUMN = "history"
 USER_TOWER = "user_tower"
 ITEM_TOWER = "item_tower"
 SCORE = "score"
+# Only in a model with query-time buckets: query_time (Unix seconds) -> time_embedding, which
+# is added to the user tower's user_embedding to make the u the score signature takes.
+QUERY_TIME = "query_time"
 SIGNATURES = (USER_TOWER, ITEM_TOWER, SCORE)
 
 USER_EMBEDDING = "user_embedding"
 ITEM_EMBEDDING = "item_embedding"
+TIME_EMBEDDING = "time_embedding"
 
 # Retrieval modes: "dot" ranks by user·item then reranks the best with the head; "exhaustive"
 # scores every item with the head (the seed model, whose head has no user-item interaction).
@@ -53,12 +57,17 @@ class ModelSpec:
     history_length: int
     user_features: FeatureSpec
     item_features: FeatureSpec
+    # Where the query time's buckets split (Unix seconds); None: the model takes no query
+    # time (the seed model, data without times, versions exported before it existed).
+    time_boundaries: tuple[float, ...] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"arch": self.arch, "retrieval": self.retrieval,
                 "embedding_dim": self.embedding_dim, "history_length": self.history_length,
                 "user_features": self.user_features.to_dict(),
-                "item_features": self.item_features.to_dict()}
+                "item_features": self.item_features.to_dict(),
+                "time_boundaries": (list(self.time_boundaries)
+                                    if self.time_boundaries is not None else None)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
@@ -66,7 +75,9 @@ class ModelSpec:
                    embedding_dim=int(data["embedding_dim"]),
                    history_length=int(data["history_length"]),
                    user_features=FeatureSpec.from_dict(data["user_features"]),
-                   item_features=FeatureSpec.from_dict(data["item_features"]))
+                   item_features=FeatureSpec.from_dict(data["item_features"]),
+                   time_boundaries=(tuple(float(b) for b in data["time_boundaries"])
+                                    if data.get("time_boundaries") is not None else None))
 
 
 def version_dirs(model_dir: Path) -> list[tuple[int, Path]]:

@@ -51,6 +51,8 @@ class Dataset:
     items: one row per item id: item_id (str) + the columns in item_features, plus display-only
         columns (e.g. title) that are not features.
     has_labels: True when interactions carry explicit negatives (label 0 rows).
+    has_time: False when the timestamps are only the rows' order (a layout without times):
+        then there is no query time to learn from.
     """
 
     name: str
@@ -61,3 +63,4 @@ class Dataset:
     user_features: FeatureSpec = field(default_factory=FeatureSpec)
     item_features: FeatureSpec = field(default_factory=FeatureSpec)
     has_labels: bool = False
+    has_time: bool = True

@@ -270,13 +270,14 @@ def load_generic(directory: Path) -> Dataset:
     interactions_path = _one_of(directory, INTERACTIONS, required=True)
     assert interactions_path is not None
     interactions, source, _ = _read_table(interactions_path, (USER_ID, ITEM_ID))
+    has_time = TIMESTAMP in interactions.columns
     interactions = _interaction_columns(interactions, source)
     users, user_features = _feature_table(directory, USERS, USER_ID)
     items, item_features = _feature_table(directory, ITEMS, ITEM_ID)
     return Dataset(
         name=directory.resolve().name, source=str(directory), interactions=interactions,
         users=users, items=items, user_features=user_features, item_features=item_features,
-        has_labels=bool((interactions[LABEL] == 0).any()))
+        has_labels=bool((interactions[LABEL] == 0).any()), has_time=has_time)
 
 
 def _one_of(directory: Path, stem: str, *, required: bool) -> Path | None:

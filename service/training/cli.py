@@ -38,6 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="independently trained models fused into the one exported "
                              "(default: 2 for implicit feedback, 1 with explicit negatives "
                              "and for --arch seed)")
+    parser.add_argument("--query-time-buckets", type=int,
+                        default=ModelConfig.query_time_buckets,
+                        help="buckets of the query time the model learns a vector for "
+                             "(0: none; never for --arch seed or data without timestamps)")
     parser.add_argument("--stream", action="store_true",
                         help="stream the training examples from Parquet shards on disk instead "
                              "of holding them in memory (always on when TF_CONFIG is set)")
@@ -65,6 +69,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for flag in ("epochs", "synthetic_users", "synthetic_items", "batch_size",
                      "embedding_dim", "history_length"):
             positive(getattr(args, flag), "--" + flag.replace("_", "-"))
+        if args.query_time_buckets < 0:
+            raise DataError(f"--query-time-buckets must be at least 0, got "
+                            f"{args.query_time_buckets}")
         if args.members is not None:
             positive(args.members, "--members")
             if args.arch == ARCH_SEED and args.members > 1:
@@ -77,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from service.training.pipeline import RunOptions, run
         options = RunOptions(
             model=ModelConfig(arch=args.arch, embedding_dim=args.embedding_dim,
-                              members=args.members),
+                              members=args.members, query_time_buckets=args.query_time_buckets),
             train=TrainConfig(epochs=args.epochs, batch_size=args.batch_size,
                               learning_rate=args.learning_rate, seed=args.seed),
             history_length=args.history_length, stream_examples=args.stream)

@@ -16,10 +16,15 @@ import pandas as pd
 import tensorflow as tf
 from numpy.typing import NDArray
 
-from service.data.dataset import ITEM_ID, LABEL, TRUE_PROBABILITY, USER_ID
+from service.data.dataset import ITEM_ID, LABEL, TIMESTAMP, TRUE_PROBABILITY, USER_ID
 from service.ranking import Allowed, rank
 from service.training import metrics
-from service.training.features import FeatureSchema, PositiveSequences, positive_sequences
+from service.training.features import (
+    FeatureSchema,
+    PositiveSequences,
+    positive_sequences,
+    time_buckets,
+)
 from service.training.model import ARCH_SEED, Recommender
 
 USER_CHUNK = 256
@@ -74,14 +79,19 @@ def item_matrix(model: Recommender, encoded: Encoded, batch: int = 8192) -> NDAr
 
 
 def user_embeddings(model: Recommender, encoded: Encoded, user_ids: pd.Series,
-                    sequences: PositiveSequences) -> NDArray[np.float32]:
+                    sequences: PositiveSequences, times: pd.Series) -> NDArray[np.float32]:
+    """u of each user at the query time ``times`` (the target interaction's, as a request
+    made then would carry it)."""
     rows = pd.Index(encoded.users[USER_ID]).get_indexer(user_ids)
     inputs = {k: v[rows] for k, v in encoded.user_features.items()}
     inputs["user_id"] = encoded.schema.user_ids.encode(user_ids)
     length = encoded.schema.history_length
     inputs["history"] = np.stack([sequences.history(u, length) for u in user_ids]) \
         if len(user_ids) else np.zeros((0, length), np.int32)
-    return np.asarray(model.user_tower(inputs), dtype=np.float32)
+    boundaries = encoded.schema.time_boundaries
+    inputs["time_bucket"] = time_buckets(times, boundaries) if boundaries is not None \
+        else np.zeros(len(user_ids), np.int32)
+    return np.asarray(model.users(inputs), dtype=np.float32)
 
 
 def head_scores(model: Recommender) -> Callable[[NDArray[np.float32], NDArray[np.float32]],
@@ -102,7 +112,8 @@ def evaluate_model(model: Recommender, encoded: Encoded, data: EvalSet,
     items = item_matrix(model, encoded)
     head = head_scores(model)
     retrieval = "exhaustive" if model.config.arch == ARCH_SEED else "dot"
-    users = user_embeddings(model, encoded, data.targets[USER_ID], data.sequences)
+    users = user_embeddings(model, encoded, data.targets[USER_ID], data.sequences,
+                            data.targets[TIMESTAMP])
     pos, neg, top = [], [], []
     for part in chunks(len(users)):
         u = users[part]
@@ -142,7 +153,8 @@ def pointwise_metrics(model: Recommender, encoded: Encoded, data: EvalSet,
     item_rows = data.catalog.get_indexer(pd.Index(rows[ITEM_ID]))
     scores = np.zeros(len(rows), dtype=np.float32)
     for part in chunks(len(rows), 4096):
-        u = user_embeddings(model, encoded, rows[USER_ID].iloc[part], data.sequences)
+        u = user_embeddings(model, encoded, rows[USER_ID].iloc[part], data.sequences,
+                            rows[TIMESTAMP].iloc[part])
         scores[part] = head(u, items[item_rows[part]][:, None, :])[:, 0]
     labels = rows[LABEL].to_numpy()
     return {"auc": metrics.auc(labels, scores), "logloss": metrics.logloss(labels, scores)}

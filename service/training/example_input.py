@@ -30,7 +30,7 @@ from service.data.dataset import USER_ID
 from service.training.features import FeatureSchema, TrainingExamples, training_examples
 
 Batch = dict[str, NDArray[Any]]
-COLUMNS = ("user_row", "user_index", "item_row", "label", "history")
+COLUMNS = ("user_row", "user_index", "item_row", "label", "history", "time_bucket")
 USERS_PER_SHARD = 20_000
 READ_ROWS = 8192
 SHUFFLE_ROWS = 4 * READ_ROWS  # rows shuffled together when read back
@@ -50,7 +50,8 @@ def signature() -> dict[str, tf.TensorSpec]:
             "item_row": tf.TensorSpec([None], tf.int64),
             "label": tf.TensorSpec([None], tf.float32),
             # Width varies per batch (trim_padding), at most the history length.
-            "history": tf.TensorSpec([None, None], tf.int32)}
+            "history": tf.TensorSpec([None, None], tf.int32),
+            "time_bucket": tf.TensorSpec([None], tf.int32)}
 
 
 def trim_padding(history: NDArray[np.int32]) -> NDArray[np.int32]:

@@ -27,7 +27,9 @@ from service.model_format import (
     ITEM_TOWER,
     ITEMS_FILE,
     METADATA_FILE,
+    QUERY_TIME,
     SCORE,
+    TIME_EMBEDDING,
     USER_EMBEDDING,
     USER_TOWER,
     USERS_FILE,
@@ -90,7 +92,7 @@ class TableEncoder(tf.Module):
 
 
 class ServingModule(tf.Module):
-    """The three named signatures over raw inputs."""
+    """The named signatures over raw inputs: three, and query_time when the model has it."""
 
     def __init__(self, model: Recommender, schema: FeatureSchema) -> None:
         super().__init__()
@@ -114,7 +116,18 @@ class ServingModule(tf.Module):
         self.score = tf.function(self._score, input_signature=[
             tf.TensorSpec([None, user_dim], tf.float32, USER_EMBEDDING),
             tf.TensorSpec([None, None, item_dim], tf.float32, ITEM_EMBEDDING)])
+        self.query_time: Any = None
+        if model.query_time is not None and schema.time_boundaries is not None:
+            self.time_boundaries = tf.constant([schema.time_boundaries], tf.float64)
+            self.query_time = tf.function(self._query_time, input_signature=[
+                tf.TensorSpec([None], tf.float64, QUERY_TIME)])
         self._model = model
+
+    def signatures(self) -> dict[str, Any]:
+        found = {USER_TOWER: self.user_tower, ITEM_TOWER: self.item_tower, SCORE: self.score}
+        if self.query_time is not None:
+            found[QUERY_TIME] = self.query_time
+        return found
 
     def _user_tower(self, raw: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         inputs = self.user_encoder(raw)
@@ -126,6 +139,12 @@ class ServingModule(tf.Module):
         inputs = self.item_encoder(raw)
         inputs["item_id"] = self.item_ids.lookup(raw["item_id"])
         return {ITEM_EMBEDDING: self._model.item_tower(inputs)}
+
+    def _query_time(self, query_time: tf.Tensor) -> dict[str, tf.Tensor]:
+        assert self._model.query_time is not None
+        buckets = tf.searchsorted(self.time_boundaries, query_time[None], side="right",
+                                  out_type=tf.int32)[0]
+        return {TIME_EMBEDDING: self._model.query_time({"time_bucket": buckets})}
 
     def _score(self, user_embedding: tf.Tensor, item_embedding: tf.Tensor) -> dict[str, tf.Tensor]:
         logit = self._model.head(user_embedding, item_embedding)
@@ -156,8 +175,7 @@ def write_vocabularies(schema: FeatureSchema, assets: Path) -> None:
 
 def write_version(bundle: ExportBundle, tmp: Path) -> None:
     module = ServingModule(bundle.model, bundle.schema)
-    tf.saved_model.save(module, str(tmp), signatures={
-        USER_TOWER: module.user_tower, ITEM_TOWER: module.item_tower, SCORE: module.score})
+    tf.saved_model.save(module, str(tmp), signatures=module.signatures())
     assets = tmp / ASSETS_DIR
     assets.mkdir(exist_ok=True)
     bundle.items.to_parquet(assets / ITEMS_FILE, index=False)

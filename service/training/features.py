@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from numpy.typing import NDArray
+from numpy.typing import ArrayLike, NDArray
 
-from service.data.dataset import ITEM_ID, LABEL, USER_ID, FeatureSpec
+from service.data.dataset import ITEM_ID, LABEL, TIMESTAMP, USER_ID, FeatureSpec
 from service.training.split import sort_by_time
 
 NUMERIC_CLIP = 8.0
@@ -144,18 +144,22 @@ def with_popularity(items: pd.DataFrame, train: pd.DataFrame) -> pd.DataFrame:
 
 @dataclass
 class FeatureSchema:
-    """Everything needed to turn raw tables into model inputs, fitted on the training part."""
+    """Everything needed to turn raw tables into model inputs, fitted on the training part.
+
+    time_boundaries: where the query time's buckets split (Unix seconds, quantiles of the
+    training rows' times); None when the model takes no query time."""
 
     user_ids: Vocabulary
     item_ids: Vocabulary
     users: TableSchema
     items: TableSchema
     history_length: int
+    time_boundaries: tuple[float, ...] | None = None
 
 
 def fit_feature_schema(train: pd.DataFrame, users: pd.DataFrame, items: pd.DataFrame,
                        user_spec: FeatureSpec, item_spec: FeatureSpec,
-                       history_length: int) -> FeatureSchema:
+                       history_length: int, time_buckets: int = 0) -> FeatureSchema:
     positives = train[train[LABEL] > 0]
     return FeatureSchema(
         user_ids=fit_vocabulary(train[USER_ID]),
@@ -163,7 +167,23 @@ def fit_feature_schema(train: pd.DataFrame, users: pd.DataFrame, items: pd.DataF
         users=fit_table_schema(users[users[USER_ID].isin(train[USER_ID])], user_spec),
         items=fit_table_schema(items, item_spec),
         history_length=history_length,
+        time_boundaries=fit_time_boundaries(train[TIMESTAMP], time_buckets),
     )
+
+
+def fit_time_boundaries(times: pd.Series, buckets: int) -> tuple[float, ...] | None:
+    """``buckets`` - 1 quantiles of the training rows' times (fewer where times repeat);
+    None for no buckets, or when every row has the same time."""
+    if buckets < 2 or times.nunique() < 2:
+        return None
+    quantiles = np.quantile(times.to_numpy(dtype=np.float64), np.linspace(0, 1, buckets + 1)[1:-1])
+    return tuple(float(q) for q in np.unique(quantiles))
+
+
+def time_buckets(times: ArrayLike, boundaries: tuple[float, ...]) -> NDArray[np.int32]:
+    """The bucket of each time: how many boundaries are at or before it (0 to len)."""
+    return np.searchsorted(np.asarray(boundaries, dtype=np.float64),
+                           np.asarray(times, dtype=np.float64), side="right").astype(np.int32)
 
 
 @dataclass
@@ -205,6 +225,7 @@ class TrainingExamples:
     item_row: NDArray[np.int64]
     label: NDArray[np.float32]
     history: NDArray[np.int32]
+    time_bucket: NDArray[np.int32]  # the row's time as the query time (zeros without one)
 
 
 def training_examples(interactions: pd.DataFrame, users: pd.DataFrame, items: pd.DataFrame,
@@ -225,5 +246,7 @@ def training_examples(interactions: pd.DataFrame, users: pd.DataFrame, items: pd
     history = np.where(valid, padded[np.where(valid, index, -1)], 0).astype(np.int32)
     user_rows = pd.Index(users[USER_ID]).get_indexer(pd.Index(user_codes))
     item_rows = pd.Index(items[ITEM_ID]).get_indexer(pd.Index(ordered[ITEM_ID]))
+    buckets = (time_buckets(ordered[TIMESTAMP], schema.time_boundaries)
+               if schema.time_boundaries is not None else np.zeros(len(ordered), np.int32))
     return TrainingExamples(user_rows.astype(np.int64), schema.user_ids.encode(user_codes),
-                            item_rows.astype(np.int64), labels, history)
+                            item_rows.astype(np.int64), labels, history, buckets)

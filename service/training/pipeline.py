@@ -112,7 +112,8 @@ def _run(dataset: Dataset, store: Path, name: str, options: RunOptions,
     item_spec = replace(dataset.item_features,
                         numeric=(*dataset.item_features.numeric, POPULARITY))
     schema = fit_feature_schema(split.train, dataset.users, items, dataset.user_features,
-                                item_spec, options.history_length)
+                                item_spec, options.history_length,
+                                time_buckets_for(options.model, dataset.has_time))
     encoded = encode_tables(schema, dataset.users, items)
     catalog = pd.Index(items[ITEM_ID])
     with strategy.scope():
@@ -161,7 +162,7 @@ def _run(dataset: Dataset, store: Path, name: str, options: RunOptions,
         spec=ModelSpec(options.model.arch,
                        RETRIEVAL_EXHAUSTIVE if options.model.arch == ARCH_SEED else RETRIEVAL_DOT,
                        embedding_dim(model), options.history_length, dataset.user_features,
-                       item_spec),
+                       item_spec, schema.time_boundaries if model.query_time else None),
         items=items, users=user_table(dataset.users, histories(known_for_test)),
         metadata=metadata(dataset, item_spec, split, options, results, validated, fitted,
                           kept),
@@ -245,14 +246,22 @@ def example_source(train: pd.DataFrame, users: pd.DataFrame, items: pd.DataFrame
                         users_per_shard)
 
 
+def time_buckets_for(config: ModelConfig, has_time: bool) -> int:
+    """The query time's buckets: none for the seed model (the write-up's) or for data whose
+    timestamps are only the rows' order."""
+    return config.query_time_buckets if has_time and config.arch != ARCH_SEED else 0
+
+
 def build_model(config: ModelConfig, schema: FeatureSchema) -> Recommender:
     vocab_sizes: dict[str, int] = {}
     for table, table_schema in (("user", schema.users), ("item", schema.items)):
         vocab_sizes.update({f"{table}:{n}": len(v) for n, v in table_schema.vocabularies.items()})
         vocab_sizes.update({f"{table}:{n}{BUCKET_SUFFIX}": s.n_buckets
                             for n, s in table_schema.numeric.items()})
+    boundaries = schema.time_boundaries
     return build_recommender(config, schema.users.spec, schema.items.spec, vocab_sizes,
-                             len(schema.user_ids), len(schema.item_ids), schema.history_length)
+                             len(schema.user_ids), len(schema.item_ids), schema.history_length,
+                             len(boundaries) + 1 if boundaries is not None else 0)
 
 
 def embedding_dim(model: Recommender) -> int:

@@ -112,8 +112,8 @@ class Trainer:
         user_id = tf.where(dropped, tf.zeros_like(batch["user_index"]), batch["user_index"])
         with tf.GradientTape() as tape:
             user_inputs = gather(self.users, user_row)
-            user_inputs.update(user_id=user_id, history=history)
-            u = self.model.user_tower(user_inputs, training=True)
+            user_inputs.update(user_id=user_id, history=history, time_bucket=batch["time_bucket"])
+            u = self.model.users(user_inputs, training=True)
             c_pos = self.model.item_tower(gather(self.items, item_row), training=True)
             candidates = self._candidates()
             c_cand = self.model.item_tower(gather(self.items, candidates), training=True)
@@ -226,9 +226,10 @@ class Trainer:
         first = tf.zeros([1], tf.int64)
         user_inputs = gather(self.users, first)
         user_inputs.update(user_id=tf.zeros([1], tf.int32),
-                           history=tf.zeros([1, history_length], tf.int32))
+                           history=tf.zeros([1, history_length], tf.int32),
+                           time_bucket=tf.zeros([1], tf.int32))
         with self.strategy.scope():
-            u = self.model.user_tower(user_inputs)
+            u = self.model.users(user_inputs)
             c = self.model.item_tower(gather(self.items, first))
             self.model.head(u, c[:, None, :])
 

@@ -28,6 +28,7 @@ def test_csv_interactions_without_timestamp_or_label(tmp_path: Path) -> None:
     assert dataset.interactions["timestamp"].tolist() == [0, 1, 2]  # row order is time order
     assert dataset.interactions["label"].tolist() == [1, 1, 1]
     assert not dataset.has_labels
+    assert not dataset.has_time  # so the model learns nothing from the query time
     assert dataset.user_features.names == () and dataset.item_features.names == ()
 
 
@@ -49,6 +50,7 @@ def test_iso_timestamps_become_unix_seconds(tmp_path: Path) -> None:
     dataset = load_generic(tmp_path)
 
     assert dataset.interactions["timestamp"].tolist() == [60, 86400]
+    assert dataset.has_time
 
 
 @pytest.mark.parametrize(("rows", "message"), [

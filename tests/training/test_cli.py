@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
-from service.model_format import version_dirs
+import tensorflow as tf
+
+from service.model_format import METADATA_FILE, version_dirs
 
 
 def recsys_train(*args: str) -> subprocess.CompletedProcess[str]:
@@ -48,6 +51,19 @@ def test_rejects_nonsense_options(tmp_path: Path) -> None:
     done = recsys_train("--epochs", "0", "--model-store", str(tmp_path))
     assert done.returncode == 2
     assert "--epochs" in done.stderr
+    done = recsys_train("--query-time-buckets", "-1", "--model-store", str(tmp_path))
+    assert done.returncode == 2
+    assert "--query-time-buckets" in done.stderr
+
+
+def test_the_query_time_can_be_switched_off(tmp_path: Path) -> None:
+    done = recsys_train("--data", "synthetic", "--synthetic-users", "150",
+                        "--synthetic-items", "60", "--epochs", "1", "--model-store",
+                        str(tmp_path), "--query-time-buckets", "0")
+    assert done.returncode == 0, done.stderr
+    [(_, version)] = version_dirs(tmp_path / "default")
+    assert json.loads((version / METADATA_FILE).read_text())["model"]["time_boundaries"] is None
+    assert "query_time" not in tf.saved_model.load(str(version)).signatures
 
 
 def test_the_seed_model_is_one_model(tmp_path: Path) -> None:

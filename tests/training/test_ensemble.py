@@ -31,6 +31,7 @@ from tests.training.conftest import train_implicit
 LENGTH = 6
 N_ITEMS = 20
 N_USERS = 5
+TIME_BUCKETS = 4
 TOLERANCE = 1e-5
 
 
@@ -40,7 +41,14 @@ def member(seed: int) -> Recommender:
     keras.utils.set_random_seed(seed)
     config = ModelConfig(embedding_dim=8, id_dim=8, user_id_dim=8, hidden_dim=16,
                          head_hidden=(8,), history_encoder=HISTORY_ATTENTION)
-    return build_recommender(config, FeatureSpec(), FeatureSpec(), {}, N_USERS, N_ITEMS, LENGTH)
+    model = build_recommender(config, FeatureSpec(), FeatureSpec(), {}, N_USERS, N_ITEMS, LENGTH,
+                              TIME_BUCKETS)
+    towers(model)  # builds the variables
+    assert model.query_time is not None
+    # The query time's vectors start at zero: random ones, so the fusion must carry them.
+    table = model.query_time.table.embeddings
+    table.assign(np.random.default_rng(seed).normal(size=table.shape).astype(np.float32))
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -51,9 +59,10 @@ def members() -> list[Recommender]:
 def towers(model: Recommender) -> tuple[np.ndarray, np.ndarray]:
     users = {"user_id": np.arange(N_USERS, dtype=np.int32),
              "history": np.random.default_rng(0).integers(0, N_ITEMS, (N_USERS, LENGTH),
-                                                          dtype=np.int32)}
+                                                          dtype=np.int32),
+             "time_bucket": np.arange(N_USERS, dtype=np.int32) % TIME_BUCKETS}
     items = {"item_id": np.arange(N_ITEMS, dtype=np.int32)}
-    return np.asarray(model.user_tower(users)), np.asarray(model.item_tower(items))
+    return np.asarray(model.users(users)), np.asarray(model.item_tower(items))
 
 
 def test_fused_towers_are_the_members_side_by_side(members: list[Recommender]) -> None:

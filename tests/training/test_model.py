@@ -4,10 +4,13 @@ order), and the shortcuts that must compute what the Keras layers they use compu
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from service.data.dataset import FeatureSpec
+from service.training.features import fit_time_boundaries, time_buckets
 from service.training.model import HISTORY_ATTENTION, ModelConfig, Recommender, build_recommender
+from service.training.pipeline import time_buckets_for
 
 LENGTH = 12
 N_ITEMS = 30
@@ -118,3 +121,40 @@ def test_factored_head_equals_the_mlp_over_the_concatenation() -> None:
     reference = head.dot_weight * tf.reduce_sum(u * items, -1) + tf.squeeze(head.out(x), -1)
     np.testing.assert_allclose(head(users, items).numpy(), reference.numpy(), rtol=1e-5,
                                atol=1e-5)
+
+
+def test_the_query_time_starts_at_zero_and_adds_to_the_user_tower() -> None:
+    config = ModelConfig(embedding_dim=8, id_dim=8, user_id_dim=8, hidden_dim=16,
+                         head_hidden=(8,), history_encoder=HISTORY_ATTENTION)
+    built = build_recommender(config, FeatureSpec(), FeatureSpec(), {}, 3, 10, 4, 5)
+    inputs = {"user_id": np.array([1, 2, 2], np.int32),
+              "history": np.array([[0, 1, 2, 3]] * 3, np.int32),
+              "time_bucket": np.array([0, 4, 2], np.int32)}
+    tower = np.asarray(built.user_tower(inputs))
+    np.testing.assert_array_equal(np.asarray(built.users(inputs)), tower)
+    assert built.query_time is not None
+    table = np.arange(5 * 8, dtype=np.float32).reshape(5, 8)
+    built.query_time.table.embeddings.assign(table)
+    np.testing.assert_allclose(np.asarray(built.users(inputs)), tower + table[[0, 4, 2]],
+                               atol=1e-6)
+
+
+def test_the_seed_model_and_timeless_data_take_no_query_time() -> None:
+    seed = build_recommender(ModelConfig(arch="seed"), FeatureSpec(), FeatureSpec(), {}, 3, 10,
+                             4, 5)
+    assert seed.query_time is None
+    assert time_buckets_for(ModelConfig(), has_time=True) == ModelConfig().query_time_buckets
+    assert time_buckets_for(ModelConfig(), has_time=False) == 0
+    assert time_buckets_for(ModelConfig(arch="seed"), has_time=True) == 0
+
+
+def test_time_boundaries_are_training_quantiles() -> None:
+    times = pd.Series(np.arange(100, dtype=np.int64))
+    boundaries = fit_time_boundaries(times, 4)
+    assert boundaries == (24.75, 49.5, 74.25)
+    np.testing.assert_array_equal(time_buckets([0, 24.75, 50, 74.25, 1e12], boundaries),
+                                  [0, 1, 2, 3, 3])
+    assert fit_time_boundaries(pd.Series([7, 7, 7]), 16) is None  # one time: nothing to learn
+    assert fit_time_boundaries(times, 0) is None
+    # Repeated times collapse equal quantiles into one boundary.
+    assert fit_time_boundaries(pd.Series([1] * 90 + [2] * 10), 4) == (1.0,)

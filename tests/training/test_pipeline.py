@@ -15,6 +15,7 @@ from service.model_format import (
     METADATA_FILE,
     SCORE,
     SIGNATURES,
+    TIME_EMBEDDING,
     USER_EMBEDDING,
     ModelSpec,
     version_dirs,
@@ -73,11 +74,21 @@ def test_signatures_match_keras(exported) -> None:  # type: ignore[no-untyped-de
     known = pd.DataFrame([(u, i, t, 1) for u, h in history.items() for t, i in enumerate(h)],
                          columns=["user_id", "item_id", "timestamp", "label"])
     sequences = positive_sequences(known, result.encoded.schema.item_ids)
-    keras_users = user_embeddings(result.model, result.encoded, sample["user_id"], sequences)
+    # Query times before, between, on and after the time buckets' boundaries (the seed model,
+    # the write-up's, takes none).
+    assert (spec.time_boundaries is None) == (spec.arch == "seed")
+    bounds = np.asarray(spec.time_boundaries or [0.0])
+    times = pd.Series(np.resize(np.concatenate([bounds - 1, bounds, bounds + 1,
+                                                [bounds[-1] + 1e6]]), len(sample)))
+    keras_users = user_embeddings(result.model, result.encoded, sample["user_id"], sequences,
+                                  times)
     queries = [UserQuery(u, {n: r[n] for n in spec.user_features.names}, tuple(history[u]))
                for u, r in zip(sample["user_id"], sample.to_dict("records"), strict=True)]
     exported_users = saved.signatures["user_tower"](
         **user_inputs(spec.user_features, spec.history_length, queries))[USER_EMBEDDING].numpy()
+    if spec.time_boundaries is not None:
+        exported_users += saved.signatures["query_time"](
+            query_time=tf.constant(times, tf.float64))[TIME_EMBEDDING].numpy()
     assert np.abs(exported_users - keras_users).max() < TOLERANCE
 
     logits = result.model.head(tf.constant(keras_users), tf.constant(keras_items[None].repeat(
