@@ -284,11 +284,14 @@ def measure_http(server: Served, data: EvalSet, concurrency: int) -> HttpAnswers
     catalog = data.catalog.to_numpy(dtype=object)
     users = data.targets[USER_ID].astype(str).tolist()
     targets = data.targets[ITEM_ID].astype(str).tolist()
-    score_bodies = [{"user": {"id": user},
+    # Each request is made when the user's test interaction happened, as the trainer scores it.
+    contexts = [{"time": int(t)} for t in data.targets[TIMESTAMP]]
+    score_bodies = [{"user": {"id": user}, "context": context,
                      "item_ids": [target, *(str(catalog[n]) for n in negatives if n >= 0)]}
-                    for user, target, negatives in zip(users, targets, data.negatives,
-                                                       strict=True)]
-    recommend_bodies = [{"user": {"id": user}, "k": K, "exclude_seen": True} for user in users]
+                    for user, target, negatives, context in zip(users, targets, data.negatives,
+                                                                contexts, strict=True)]
+    recommend_bodies = [{"user": {"id": user}, "k": K, "exclude_seen": True, "context": context}
+                        for user, context in zip(users, contexts, strict=True)]
     began = time.monotonic()
     scored, recommended = asyncio.run(ask_all(server.base_url, score_bodies, recommend_bodies,
                                               concurrency))

@@ -426,6 +426,16 @@ def naive(version_dir: Path, pairs: bool, requests: int = NAIVE_REQUESTS) -> dic
     item_tower = model.signatures["item_tower"]
     user_tower = model.signatures["user_tower"]
     score = model.signatures["score"]
+    query_time = model.signatures.get("query_time")
+
+    def embed(queries: list[UserQuery]) -> Any:
+        """u as the model defines it: the user tower's output plus the query time's vector."""
+        user = user_tower(**user_inputs(spec.user_features, spec.history_length, queries))
+        if query_time is None:
+            return user["user_embedding"]
+        now = tf.fill([len(queries)], tf.constant(time.time(), tf.float64))
+        return user["user_embedding"] + query_time(query_time=now)["time_embedding"]
+
     items = pd.read_parquet(version_dir / ASSETS_DIR / ITEMS_FILE)
     items["item_id"] = items["item_id"].astype(str)
     users = pd.read_parquet(version_dir / ASSETS_DIR / USERS_FILE)
@@ -442,8 +452,7 @@ def naive(version_dir: Path, pairs: bool, requests: int = NAIVE_REQUESTS) -> dic
         if pairs:
             parts = []
             for batch in batches:
-                user = user_tower(**user_inputs(spec.user_features, spec.history_length,
-                                                [query] * len(batch)))["user_embedding"]
+                user = embed([query] * len(batch))
                 item = item_tower(**item_inputs(spec.item_features, batch))["item_embedding"]
                 parts.append(score(user_embedding=user,
                                    item_embedding=item[:, None, :])["score"].numpy()[:, 0])
@@ -451,8 +460,7 @@ def naive(version_dir: Path, pairs: bool, requests: int = NAIVE_REQUESTS) -> dic
         else:
             matrix = np.concatenate([item_tower(**item_inputs(spec.item_features, batch))
                                      ["item_embedding"].numpy() for batch in batches])
-            user = user_tower(**user_inputs(spec.user_features, spec.history_length, [query]))
-            scores = score(user_embedding=user["user_embedding"],
+            scores = score(user_embedding=embed([query]),
                            item_embedding=tf.constant(matrix[None]))["score"].numpy()[0]
         top = np.argpartition(-scores, 10)[:10]
         top = top[np.argsort(-scores[top])]

@@ -46,7 +46,7 @@ class DataPlane:
     async def score(self, request: ScoreRequest) -> dict[str, Any]:
         self.check_count("item_ids", len(request.item_ids))
         model = self.model()
-        query = model.query(request.user.id, request.user.features)
+        query = model.query(request.user.id, request.user.features, request.context.seconds())
         known, rows, unknown = model.lookup(request.item_ids)
         scores = await self.runner.score(model, ScoreCall(query, rows)) if rows else []
         return {"model": model_ref(model),
@@ -60,7 +60,7 @@ class DataPlane:
         self.check_count("exclude_item_ids", len(request.exclude_item_ids))
         self.check_count("filters", sum(len(v) for v in request.filters.values()))
         model = self.model()
-        query = model.query(request.user.id, request.user.features)
+        query = model.query(request.user.id, request.user.features, request.context.seconds())
         allowed = model.allowed(query, request.exclude_item_ids, request.exclude_seen,
                                 request.filters)
         items = await self.runner.recommend(model, RecommendCall(query, request.k, allowed))
@@ -74,7 +74,9 @@ class DataPlane:
             name=model.name, version=model.number, created_at=metadata.get("created_at"),
             item_count=model.item_count, user_count=len(model.users),
             embedding_dim=int(model.item_matrix.shape[1]), arch=model.spec.arch,
-            retrieval=model.spec.retrieval, fingerprint=model.version.fingerprint,
+            retrieval=model.spec.retrieval,
+            query_time_buckets=len(model.query_time.vectors) if model.query_time else 0,
+            fingerprint=model.version.fingerprint,
             item_representations_source=model.source, data=metadata.get("data", {}),
             metrics=metadata.get("evaluation", {}).get("metrics", {}))
 

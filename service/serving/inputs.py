@@ -26,6 +26,8 @@ class UserQuery:
     stored_row: int | None = None
     # The history's catalog rows when already known (a stored user's), else looked up.
     seen_rows: tuple[int, ...] | None = None
+    # When the request is made (Unix seconds; None: now), for a model that takes the query time.
+    time: float | None = None
 
 
 def padded_strings(rows: Sequence[Sequence[str]], width: int | None = None,

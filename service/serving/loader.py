@@ -25,7 +25,9 @@ from service.model_format import (
     ITEM_TOWER,
     ITEMS_FILE,
     METADATA_FILE,
+    QUERY_TIME,
     SCORE,
+    TIME_EMBEDDING,
     USER_EMBEDDING,
     USER_TOWER,
     USERS_FILE,
@@ -62,6 +64,7 @@ class ModelVersion:
     item_tower: Any
     score: Any
     saved_model: Any  # keeps the loaded object (and its variables) alive
+    query_time: Any = None  # the signature, when the model takes a query time
 
 
 def read_metadata(path: Path) -> tuple[dict[str, Any], ModelSpec]:
@@ -76,9 +79,13 @@ def read_metadata(path: Path) -> tuple[dict[str, Any], ModelSpec]:
 
 
 def expected_inputs(spec: ModelSpec) -> dict[str, set[str]]:
-    return {USER_TOWER: {"user_id", "history"} | {input_name(n) for n in spec.user_features.names},
-            ITEM_TOWER: {"item_id"} | {input_name(n) for n in spec.item_features.names},
-            SCORE: {USER_EMBEDDING, ITEM_EMBEDDING}}
+    expected = {
+        USER_TOWER: {"user_id", "history"} | {input_name(n) for n in spec.user_features.names},
+        ITEM_TOWER: {"item_id"} | {input_name(n) for n in spec.item_features.names},
+        SCORE: {USER_EMBEDDING, ITEM_EMBEDDING}}
+    if spec.time_boundaries is not None:
+        expected[QUERY_TIME] = {QUERY_TIME}
+    return expected
 
 
 def check_signatures(saved_model: Any, spec: ModelSpec) -> None:
@@ -170,6 +177,11 @@ def warm_up(version: ModelVersion) -> None:
     if item_matrix.shape[1] != spec.embedding_dim and spec.retrieval == "dot":
         raise ModelLoadError(f"item tower gives dimension {item_matrix.shape[1]}, metadata "
                              f"says {spec.embedding_dim}")
+    if version.query_time is not None:
+        times = version.query_time(query_time=tf.constant([0.0], tf.float64))[TIME_EMBEDDING]
+        if times.shape != users.shape:
+            raise ModelLoadError(f"query_time signature gives {times.shape}, the user tower "
+                                 f"{users.shape}")
     scores = version.score(user_embedding=tf.constant(users),
                            item_embedding=tf.constant(item_matrix[None]))[SCORE].numpy()
     if scores.shape != (1, len(item_matrix)) or not np.all(np.isfinite(scores)):
@@ -195,7 +207,8 @@ def load_version(name: str, version: int, path: Path) -> ModelVersion:
     loaded = ModelVersion(name, version, path, fingerprint, metadata, spec, item_index,
                           attributes, users,
                           saved_model.signatures[USER_TOWER], saved_model.signatures[ITEM_TOWER],
-                          saved_model.signatures[SCORE], saved_model)
+                          saved_model.signatures[SCORE], saved_model,
+                          saved_model.signatures.get(QUERY_TIME))
     try:
         warm_up(loaded)
     except ModelLoadError:

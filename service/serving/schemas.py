@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StringConstraints
@@ -26,13 +27,28 @@ class User(Strict):
         None, max_length=MAX_FEATURES, description="Override or supply user features")
 
 
+class Context(Strict):
+    time: dt.datetime | None = Field(
+        None, description="When the request is made, for a model that takes the query time: "
+        "Unix seconds or ISO 8601 (UTC when no offset is given); absent: now")
+
+    def seconds(self) -> float | None:
+        """The query time as Unix seconds (None when absent: now)."""
+        if self.time is None:
+            return None
+        moment = self.time if self.time.tzinfo else self.time.replace(tzinfo=dt.UTC)
+        return moment.timestamp()
+
+
 class ScoreRequest(Strict):
     user: User = Field(default_factory=User)
     item_ids: list[ItemId] = Field(description="Items to score, in the order wanted")
+    context: Context = Field(default_factory=Context)
 
 
 class RecommendRequest(Strict):
     user: User = Field(default_factory=User)
+    context: Context = Field(default_factory=Context)
     k: StrictInt = Field(10, ge=1, description="How many items, at most")
     exclude_item_ids: list[ItemId] = Field(default_factory=list)
     exclude_seen: StrictBool = Field(True, description="Drop items the user interacted with")
@@ -71,6 +87,8 @@ class ModelDescription(BaseModel):
     embedding_dim: int
     arch: str
     retrieval: str
+    query_time_buckets: int = Field(description="Buckets of the query time the model tells "
+                                    "apart (context.time); 0: it takes no query time")
     fingerprint: str
     item_representations_source: str
     data: dict[str, object]

@@ -7,6 +7,7 @@ swaps whole instances, so a request that took a reference runs entirely on one v
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,7 @@ from service.serving.ann import ApproximateIndex
 from service.serving.errors import InvalidFeature, UnknownFeature, UnknownFilter
 from service.serving.inputs import UserQuery, item_inputs, user_inputs
 from service.serving.loader import ModelVersion, item_batches
+from service.serving.query_time import QueryTimeVectors
 from service.serving.user_embeddings import UserEmbeddings
 from service.serving.users import StoredUser
 
@@ -92,6 +94,9 @@ class ServingModel:
         self.attributes = version.item_attributes
         self.users = version.users
         self.user_embeddings = UserEmbeddings(len(self.users), version.spec.embedding_dim)
+        boundaries = version.spec.time_boundaries
+        self.query_time = QueryTimeVectors(boundaries, version.query_time) \
+            if boundaries is not None and version.query_time is not None else None
 
     def user_record(self, user_id: str, user: StoredUser) -> dict[str, Any]:
         """A stored user as published to Redis: id, history and every feature (None if
@@ -113,15 +118,17 @@ class ServingModel:
 
     # -- users ------------------------------------------------------------------------------
 
-    def query(self, user_id: str | None, features: Mapping[str, Any] | None) -> UserQuery:
-        """The user as the tower sees them: stored features and history, request overrides."""
+    def query(self, user_id: str | None, features: Mapping[str, Any] | None,
+              at: float | None = None) -> UserQuery:
+        """The user as the tower sees them: stored features and history, request overrides,
+        and the query time ``at`` (Unix seconds; None: now)."""
         stored = self.users.get(user_id) if user_id is not None else None
         merged = dict(stored.features) if stored else {}
         overrides = self.validated_features(features or {})
         merged.update(overrides)
         return UserQuery(user_id or "", merged, stored.history if stored else (),
                          stored_row=stored.row if stored is not None and not overrides else None,
-                         seen_rows=stored.seen_rows if stored else None)
+                         seen_rows=stored.seen_rows if stored else None, time=at)
 
     def validated_features(self, features: Mapping[str, Any]) -> dict[str, Any]:
         spec = self.spec.user_features
@@ -144,7 +151,15 @@ class ServingModel:
         return out
 
     def embed(self, queries: Sequence[UserQuery]) -> NDArray[np.float32]:
-        """User embeddings; a stored user's is computed once per version (user_embeddings)."""
+        """The u the head takes: the user tower's embedding (a stored user's computed once per
+        version, see user_embeddings) plus the query time's vector, if the model has one."""
+        users = self.tower_embeddings(queries)
+        if self.query_time is not None:
+            now = time.time()
+            users += self.query_time([now if q.time is None else q.time for q in queries])
+        return users
+
+    def tower_embeddings(self, queries: Sequence[UserQuery]) -> NDArray[np.float32]:
         cached = [self.user_embeddings.get(q.stored_row) if q.stored_row is not None else None
                   for q in queries]
         missing = [n for n, e in enumerate(cached) if e is None]

@@ -1,10 +1,12 @@
 """/v1/recommend and /v1/score against a brute-force reference computed straight from the
-SavedModel's signatures (item tower over items.parquet, user tower, score head over the whole
-catalog), for random users, k, exclusions and filters."""
+SavedModel's signatures (item tower over items.parquet, user tower plus the query time's vector,
+score head over the whole catalog), for random users, query times, k, exclusions and filters."""
 
 from __future__ import annotations
 
+import datetime as dt
 import math
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,8 +46,16 @@ class Reference:
     categories: np.ndarray
     genres: list[set[str]]
 
-    def user_embedding(self, user_id: str | None, features: dict[str, Any] | None
-                       ) -> np.ndarray:
+    def user_embedding(self, user_id: str | None, features: dict[str, Any] | None,
+                       at: float) -> np.ndarray:
+        """u at query time ``at``: the user tower's embedding plus the query time's vector."""
+        tower = self.tower_embedding(user_id, features)
+        times = self.saved_model.signatures["query_time"](
+            query_time=tf.constant([at], tf.float64))
+        return tower + np.asarray(times["time_embedding"], dtype=np.float32)
+
+    def tower_embedding(self, user_id: str | None, features: dict[str, Any] | None
+                        ) -> np.ndarray:
         stored = self.users.get(user_id) if user_id is not None else None
         merged = {name: stored[name] for name in self.spec.user_features.names} if stored else {}
         merged.update({k: v for k, v in (features or {}).items() if v is not None})
@@ -133,6 +143,23 @@ feature_sets = st.fixed_dictionaries({}, optional={
 })
 
 
+# Across the tiny model's time buckets (its synthetic clock starts at 1.6e9, see
+# service/data/synthetic.py) and beyond them on both sides, as numbers and as ISO 8601.
+query_times = st.one_of(
+    st.integers(1_599_000_000, 1_601_000_000),
+    st.integers(1_599_000_000, 1_601_000_000).map(
+        lambda t: dt.datetime.fromtimestamp(t, dt.UTC).isoformat()))
+
+
+def seconds_of(body: dict[str, Any]) -> float:
+    """The request's query time as the service reads it (Unix seconds; now when absent)."""
+    value = body.get("context", {}).get("time")
+    if value is None:
+        return time.time()
+    return float(value) if isinstance(value, int) else dt.datetime.fromisoformat(
+        value).timestamp()
+
+
 @st.composite
 def users_strategy(draw: st.DrawFn) -> dict[str, Any]:
     kind = draw(st.sampled_from(["known", "known+features", "unknown", "anonymous"]))
@@ -149,6 +176,8 @@ def users_strategy(draw: st.DrawFn) -> dict[str, Any]:
 @st.composite
 def requests_strategy(draw: st.DrawFn) -> dict[str, Any]:
     body: dict[str, Any] = {"user": draw(users_strategy()), "k": draw(st.integers(1, 160))}
+    if draw(st.booleans()):  # else now
+        body["context"] = {"time": draw(query_times)}
     if draw(st.booleans()):
         body["exclude_item_ids"] = draw(st.lists(
             st.one_of(st.integers(1, 150).map(lambda n: f"i{n}"), st.just("not-an-item")),
@@ -172,7 +201,7 @@ def expected_inputs(reference: Reference, body: dict[str, Any]
     """(user embedding [1, d], allowed mask [N], head scores over the whole catalog [N])."""
     user = body["user"]
     user_id = user.get("id")
-    embedding = reference.user_embedding(user_id, user.get("features"))
+    embedding = reference.user_embedding(user_id, user.get("features"), seconds_of(body))
     stored = reference.users.get(user_id) if user_id is not None else None
     history = [str(i) for i in stored["history"]] if stored else []
     allowed = reference.allowed(history, body.get("exclude_item_ids", []),
@@ -249,8 +278,9 @@ def test_score_equals_the_head(exhaustive_client: TestClient, reference: Referen
                                body: dict[str, Any], item_rows: list[int]) -> None:
     _, _, scores = expected_inputs(reference, body)
     item_ids = [reference.item_ids[r] for r in item_rows]
-    got = ok_json(exhaustive_client.post("/v1/score", json={"user": body["user"],
-                                                            "item_ids": item_ids}))
+    got = ok_json(exhaustive_client.post("/v1/score", json={
+        "user": body["user"], "item_ids": item_ids, **{k: v for k, v in body.items()
+                                                        if k == "context"}}))
     assert [s["item_id"] for s in got["scores"]] == item_ids
     np.testing.assert_allclose([s["score"] for s in got["scores"]], scores[item_rows],
                                atol=SCORE_TOL, rtol=0)

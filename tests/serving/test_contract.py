@@ -241,6 +241,12 @@ def test_wrongly_typed_feature(client: TestClient, features: dict[str, Any]) -> 
     {"item_ids": ["i1"], "surprise": 1},
     {"user": {"features": {f"f{n}": 1 for n in range(65)}}, "item_ids": ["i1"]},
     {"user": {"id": "u1", "nickname": "x"}, "item_ids": ["i1"]},
+    {"item_ids": ["i1"], "context": {"time": "yesterday"}},
+    {"item_ids": ["i1"], "context": {"time": [1]}},
+    {"item_ids": ["i1"], "context": {"time": 1e300}},
+    {"item_ids": ["i1"], "context": {"time": "2026-13-01T00:00:00"}},
+    {"item_ids": ["i1"], "context": {"place": "home"}},
+    {"item_ids": ["i1"], "context": 1700000000},
     [],
     "i1",
 ])
@@ -261,6 +267,8 @@ def test_score_invalid_request(client: TestClient, body: Any) -> None:
     {"user": {"id": 3}},
     {"k": 3, "surprise": True},
     {"filters": {f"a{n}": ["x"] for n in range(33)}},
+    {"context": {"time": "soon"}},
+    {"context": {"time": {"s": 1}}},
 ])
 def test_recommend_invalid_request(client: TestClient, body: Any) -> None:
     assert_error(client.post("/v1/recommend", json=body), 422, "invalid_request")
@@ -447,6 +455,33 @@ def test_recommend_scores_equal_score_endpoint(client: TestClient,
         assert abs(got["score"] - want["score"]) < 1e-6, (got, want)
 
 
+@pytest.mark.parametrize("infinite", [b"Infinity", b"-Infinity", b"NaN"])
+def test_non_finite_query_time(client: TestClient, infinite: bytes) -> None:
+    body = b'{"item_ids": ["i1"], "context": {"time": ' + infinite + b"}}"
+    assert_error(raw_post(client, "/v1/score", body), 422, "invalid_request")
+
+
+def test_query_time_as_number_or_iso_8601(client: TestClient) -> None:
+    """One instant three ways gives one answer; the model's first and last time buckets give
+    different scores (the tiny model's synthetic clock starts at 1.6e9)."""
+    asked = {"user": {"id": "u3"}, "item_ids": ["i1", "i2", "i3"]}
+
+    def scores_at(at: Any) -> list[float]:
+        return [s["score"] for s in score(client, {**asked, "context": {"time": at}})["scores"]]
+
+    late = scores_at(1_700_000_000)
+    assert scores_at("2023-11-14T22:13:20Z") == late
+    assert scores_at("2023-11-14T23:13:20+01:00") == late
+    assert scores_at("2023-11-14T22:13:20") == late  # no offset: UTC
+    assert scores_at(1_500_000_000) != late
+    items = recommend(client, {"user": {"id": "u3"}, "k": 3,
+                               "context": {"time": 1_700_000_000}})["items"]
+    again = score(client, {"user": {"id": "u3"}, "item_ids": [e["item_id"] for e in items],
+                           "context": {"time": 1_700_000_000}})["scores"]
+    np.testing.assert_allclose([e["score"] for e in items], [e["score"] for e in again],
+                               atol=1e-6, rtol=0)
+
+
 # ---- /v1/model ---------------------------------------------------------------------------------
 
 
@@ -461,6 +496,7 @@ def test_model_description(client: TestClient, metadata: dict[str, Any],
     assert body["metrics"] == metadata["evaluation"]["metrics"]
     assert body["metrics"]
     assert body["fingerprint"] == content_fingerprint(version_dir)
+    assert body["query_time_buckets"] == len(metadata["model"]["time_boundaries"]) + 1
 
 
 # ---- /v1/admin/reload --------------------------------------------------------------------------

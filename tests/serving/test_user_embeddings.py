@@ -87,9 +87,10 @@ def test_without_the_bulk_pass_a_user_is_computed_on_the_first_request_only(
         override = {spec.numeric[0]: 1.5} if spec.numeric else {spec.categorical[0]: "zz"}
         item = model.item_index.ids_at(np.array([0]))[0]
         got = ok_json(client.post("/v1/score", json={
-            "user": {"id": user_id, "features": override}, "item_ids": [item]}))
-        other = model.user_tower([UserQuery(user_id, {**user.features, **override},
-                                            user.history)])
+            "user": {"id": user_id, "features": override}, "item_ids": [item],
+            "context": {"time": 1_700_000_000}}))
+        other = model.embed([UserQuery(user_id, {**user.features, **override}, user.history,
+                                       time=1_700_000_000)])
         want = model.head(other, model.item_matrix[[0]][None])[0, 0]
         assert got["scores"][0]["score"] == np.float32(want).item()
         assert model.user_embeddings.known.sum() == 1
@@ -123,7 +124,9 @@ def test_users_beyond_the_limit_are_computed_on_every_request(model_store: Path,
         # The second user, never kept, still gets what the tower computes for them alone.
         item = model.item_index.ids_at(np.array([0]))[0]
         got = ok_json(client.post("/v1/score", json={"user": {"id": second_id},
-                                                     "item_ids": [item]}))
-        alone = model.user_tower([UserQuery(second_id, second.features, second.history)])
+                                                     "item_ids": [item],
+                                                     "context": {"time": 1_700_000_000}}))
+        alone = model.embed([UserQuery(second_id, second.features, second.history,
+                                       time=1_700_000_000)])
         want = model.head(alone, model.item_matrix[[0]][None])[0, 0]
         assert got["scores"][0]["score"] == np.float32(want).item()
