@@ -272,8 +272,8 @@ class QueryTime(keras.Model):
     people watched when (new releases, seasons), which a user's history alone does not date.
     Added after the user tower rather than fed into it, so a stored user's embedding stays
     the same at every query time and is computed once. Zeros at first: training starts from
-    the model without it. On ml-100k (16 buckets, 3 seeds; BENCHMARKS) it raised every
-    ranking figure."""
+    the model without it. On ml-100k (16 buckets, 5 seeds; BENCHMARKS) it raised the mean of
+    every ranking figure by 0.004 to 0.008."""
 
     def __init__(self, buckets: int, dim: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
