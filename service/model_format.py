@@ -12,6 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
 from service.data.dataset import FeatureSpec
 
 FORMAT_VERSION = 1
@@ -78,6 +81,14 @@ class ModelSpec:
                    item_features=FeatureSpec.from_dict(data["item_features"]),
                    time_boundaries=(tuple(float(b) for b in data["time_boundaries"])
                                     if data.get("time_boundaries") is not None else None))
+
+
+def time_buckets(times: ArrayLike, boundaries: tuple[float, ...]) -> NDArray[np.int32]:
+    """The query-time bucket of each time (Unix seconds): how many of the model's
+    ``time_boundaries`` are at or before it (0 to len); the trainer and the server both use it,
+    the query_time signature computes the same inside the SavedModel."""
+    return np.searchsorted(np.asarray(boundaries, dtype=np.float64),
+                           np.asarray(times, dtype=np.float64), side="right").astype(np.int32)
 
 
 def version_dirs(model_dir: Path) -> list[tuple[int, Path]]:

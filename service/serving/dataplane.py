@@ -75,7 +75,7 @@ class DataPlane:
             item_count=model.item_count, user_count=len(model.users),
             embedding_dim=int(model.item_matrix.shape[1]), arch=model.spec.arch,
             retrieval=model.spec.retrieval,
-            query_time_buckets=len(model.query_time.vectors) if model.query_time else 0,
+            query_time_buckets=len(model.time_vectors.vectors) if model.time_vectors else 0,
             fingerprint=model.version.fingerprint,
             item_representations_source=model.source, data=metadata.get("data", {}),
             metrics=metadata.get("evaluation", {}).get("metrics", {}))

@@ -95,7 +95,7 @@ class ServingModel:
         self.users = version.users
         self.user_embeddings = UserEmbeddings(len(self.users), version.spec.embedding_dim)
         boundaries = version.spec.time_boundaries
-        self.query_time = QueryTimeVectors(boundaries, version.query_time) \
+        self.time_vectors = QueryTimeVectors(boundaries, version.query_time) \
             if boundaries is not None and version.query_time is not None else None
 
     def user_record(self, user_id: str, user: StoredUser) -> dict[str, Any]:
@@ -154,9 +154,9 @@ class ServingModel:
         """The u the head takes: the user tower's embedding (a stored user's computed once per
         version, see user_embeddings) plus the query time's vector, if the model has one."""
         users = self.tower_embeddings(queries)
-        if self.query_time is not None:
+        if self.time_vectors is not None:
             now = time.time()
-            users += self.query_time([now if q.time is None else q.time for q in queries])
+            users += self.time_vectors([now if q.time is None else q.time for q in queries])
         return users
 
     def tower_embeddings(self, queries: Sequence[UserQuery]) -> NDArray[np.float32]:

@@ -17,14 +17,10 @@ import tensorflow as tf
 from numpy.typing import NDArray
 
 from service.data.dataset import ITEM_ID, LABEL, TIMESTAMP, TRUE_PROBABILITY, USER_ID
+from service.model_format import time_buckets
 from service.ranking import Allowed, rank
 from service.training import metrics
-from service.training.features import (
-    FeatureSchema,
-    PositiveSequences,
-    positive_sequences,
-    time_buckets,
-)
+from service.training.features import FeatureSchema, PositiveSequences, positive_sequences
 from service.training.model import ARCH_SEED, Recommender
 
 USER_CHUNK = 256

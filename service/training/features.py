@@ -12,9 +12,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from numpy.typing import ArrayLike, NDArray
+from numpy.typing import NDArray
 
 from service.data.dataset import ITEM_ID, LABEL, TIMESTAMP, USER_ID, FeatureSpec
+from service.model_format import time_buckets
 from service.training.split import sort_by_time
 
 NUMERIC_CLIP = 8.0
@@ -159,7 +160,7 @@ class FeatureSchema:
 
 def fit_feature_schema(train: pd.DataFrame, users: pd.DataFrame, items: pd.DataFrame,
                        user_spec: FeatureSpec, item_spec: FeatureSpec,
-                       history_length: int, time_buckets: int = 0) -> FeatureSchema:
+                       history_length: int, time_bucket_count: int = 0) -> FeatureSchema:
     positives = train[train[LABEL] > 0]
     return FeatureSchema(
         user_ids=fit_vocabulary(train[USER_ID]),
@@ -167,7 +168,7 @@ def fit_feature_schema(train: pd.DataFrame, users: pd.DataFrame, items: pd.DataF
         users=fit_table_schema(users[users[USER_ID].isin(train[USER_ID])], user_spec),
         items=fit_table_schema(items, item_spec),
         history_length=history_length,
-        time_boundaries=fit_time_boundaries(train[TIMESTAMP], time_buckets),
+        time_boundaries=fit_time_boundaries(train[TIMESTAMP], time_bucket_count),
     )
 
 
@@ -178,12 +179,6 @@ def fit_time_boundaries(times: pd.Series, buckets: int) -> tuple[float, ...] | N
         return None
     quantiles = np.quantile(times.to_numpy(dtype=np.float64), np.linspace(0, 1, buckets + 1)[1:-1])
     return tuple(float(q) for q in np.unique(quantiles))
-
-
-def time_buckets(times: ArrayLike, boundaries: tuple[float, ...]) -> NDArray[np.int32]:
-    """The bucket of each time: how many boundaries are at or before it (0 to len)."""
-    return np.searchsorted(np.asarray(boundaries, dtype=np.float64),
-                           np.asarray(times, dtype=np.float64), side="right").astype(np.int32)
 
 
 @dataclass

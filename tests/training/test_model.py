@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 
 from service.data.dataset import FeatureSpec
-from service.training.features import fit_time_boundaries, time_buckets
+from service.model_format import time_buckets
+from service.training.features import fit_time_boundaries
 from service.training.model import HISTORY_ATTENTION, ModelConfig, Recommender, build_recommender
 from service.training.pipeline import time_buckets_for
 
