@@ -64,13 +64,16 @@ CACHE_RETRY_S = 5.0
 
 async def maintain(manager: ModelManager, poll_interval_s: float) -> None:
     """Loads the first version now; then, every tick, looks for a newer version (when polling
-    is on; until a first one loads otherwise) and writes what Redis is owed once it is back."""
+    is on; until a first one loads otherwise), writes what Redis is owed once it is back, and
+    frees a switched-out version once requests let go of it."""
     tick = poll_interval_s if poll_interval_s > 0 else CACHE_RETRY_S
     while True:
         try:
             if poll_interval_s > 0 or manager.current is None:
                 await asyncio.to_thread(manager.refresh)
             await asyncio.to_thread(manager.settle_cache)
+            if manager.retiring:
+                await asyncio.to_thread(manager.release_retired)
         except Exception:  # one failed round must not end the maintenance loop
             log.exception("model maintenance failed")
         await asyncio.sleep(min(tick, 1.0) if manager.current is None else tick)

@@ -10,6 +10,7 @@ import logging
 import math
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,7 @@ class ModelManager:
         self._refused: dict[int, tuple[tuple[tuple[str, int, int], ...], str]] = {}
         self._lock = threading.Lock()
         self._redis_reachable = True
+        self._retired: list[weakref.ref[ServingModel]] = []  # switched out, maybe still held
 
     @property
     def model_dir(self) -> Path:
@@ -209,11 +211,35 @@ class ModelManager:
         # Requests still holding the old version finish on it; then its TF objects and
         # matrix are garbage. Collecting now, and handing the heap that loading used back to
         # the OS, keeps memory flat across reloads. Last, so that readiness never waits.
+        if previous is not None:
+            self._retired.append(weakref.ref(previous))
         del previous
+        self._release_retired()
+
+    @property
+    def retiring(self) -> bool:
+        """A switched-out version was still held by requests when last checked."""
+        return bool(self._retired)
+
+    def release_retired(self) -> None:
+        """Maintenance's retry once requests let go of a switched-out version."""
+        with self._lock:
+            self._release_retired()
+
+    def _release_retired(self) -> None:
+        """Frees what switched-out versions left, then, once none is held any more, freezes
+        the heap (gc.freeze): the loaded model's ~360k long-lived objects then sit outside
+        the cyclic collector, whose full passes under load had walked them all, 150 ms with
+        the GIL held, every few seconds. Not while one is held: its reference cycles would
+        be frozen with it."""
         release_memory()
+        self._retired = [ref for ref in self._retired if ref() is not None]
+        if not self._retired:
+            gc.freeze()
 
 
 def release_memory() -> None:
+    gc.unfreeze()  # frozen objects are never collected, even once garbage
     gc.collect()
     pa.default_memory_pool().release_unused()
     if MALLOC_TRIM is not None:

@@ -4,12 +4,14 @@ within 10% of what it was after the first."""
 
 from __future__ import annotations
 
+import gc
+import weakref
 from pathlib import Path
 
 import psutil
 import pytest
 
-from tests.serving.helpers import Server
+from tests.serving.helpers import Server, make_settings, started_client
 
 from .conftest import (
     MODEL,
@@ -18,6 +20,7 @@ from .conftest import (
     redis_db_url,
     serve_process,
     server_env,
+    wait_for,
 )
 
 RELOADS = 10
@@ -58,3 +61,24 @@ def test_memory_is_flat_over_ten_reloads(tmp_path: Path, model_store: Path,
     trace = ", ".join(f"v{v}: {r / 2**20:.0f}" for v, r in rss.items())
     assert last <= first * 1.10, (f"RSS grew {last / first - 1:.0%} over {RELOADS - 1} reloads "
                                   f"after the first (MiB by version: {trace})\n{log}")
+
+
+def test_the_heap_is_frozen_only_once_no_switched_out_version_is_held(
+        store: Path, redis_url: str) -> None:
+    """The loaded model sits outside the cyclic collector (gc.freeze), but a switched-out
+    version that a request still holds is never frozen with it: its garbage would stay."""
+    settings = make_settings(store, redis_url, precompute_users=False)
+    with started_client(settings) as client:
+        manager = client.app.state.manager  # type: ignore[attr-defined]
+        # Readiness comes first; the collection and the freeze follow the switch.
+        wait_for(gc.get_freeze_count, 30, "the heap frozen after the first load")
+        assert not manager.retiring
+        held = manager.current  # as a request still running on version 1 would
+        version_1 = weakref.ref(held)
+        publish_version(store / MODEL, 2)
+        assert client.post("/v1/admin/reload").json()["changed"] is True
+        assert manager.retiring and gc.get_freeze_count() == 0
+        del held  # the request ends
+        manager.release_retired()  # the next maintenance tick
+        assert version_1() is None, "version 1 outlived its last request"
+        assert not manager.retiring and gc.get_freeze_count() > 0
