@@ -54,9 +54,10 @@ class Settings(BaseSettings):
     """Lists of the approximate index searched per user: more is slower and closer to exact."""
     batch_max_size: int = Field(32, ge=1)
     """Most concurrent requests computed together (one matrix product); 1 turns batching off."""
-    batch_timeout_us: int = Field(0, ge=0)
-    """How long the batch worker waits for more requests once it has one (0: it takes what is
-    queued when it becomes free, so a lone request never waits)."""
+    batch_timeout_us: int = Field(5000, ge=0)
+    """How long the batch worker waits, at most, for requests this process has already received
+    to join a batch (0: it takes what is queued). Never for a request not yet received, so a
+    lone request runs at once."""
     item_batch_size: int = Field(8192, ge=1)
     """Items per item-tower call when computing the item matrix."""
 

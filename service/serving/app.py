@@ -13,15 +13,15 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from service.redis_server import EmbeddedRedis, RedisServerError
-from service.serving.batching import Runner
+from service.serving.batching import InFlight, Runner
 from service.serving.dataplane import DataPlane
 from service.serving.errors import ServiceError
 from service.serving.item_cache import ItemMatrixCache, connect
 from service.serving.logs import configure_logging
 from service.serving.manager import ModelManager
 from service.serving.metrics import Metrics
-from service.serving.middleware import ApiKeyGuard, BodyGuard, RequestContext
-from service.serving.routes import api, probes
+from service.serving.middleware import ApiKeyGuard, BodyGuard, CountInFlight, RequestContext
+from service.serving.routes import BATCHED_PATHS, api, probes
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -101,6 +101,7 @@ def start_embedded_redis() -> EmbeddedRedis | None:
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     metrics = Metrics()
+    in_flight = InFlight()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -108,7 +109,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         cache = open_cache(settings, embedded)
         manager = ModelManager(settings, cache, metrics)
         runner = Runner(settings.batch_max_size, settings.batch_timeout_us / 1e6,
-                        on_batch=metrics.batch_size.observe)
+                        on_batch=metrics.batch_size.observe, in_flight=in_flight)
         runner.start()
         app.state.manager = manager
         app.state.dataplane = DataPlane(settings, manager, cache, runner)
@@ -138,6 +139,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings.api_key is not None:
         app.add_middleware(ApiKeyGuard, api_key=settings.api_key.get_secret_value(),
                            metrics=metrics)
+    app.add_middleware(CountInFlight, paths=BATCHED_PATHS, in_flight=in_flight)
     app.add_middleware(RequestContext, metrics=metrics)  # added last: runs first
     return app
 

@@ -14,6 +14,7 @@ import orjson
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.serving.batching import InFlight
 from service.serving.logs import request_id
 from service.serving.metrics import Metrics
 
@@ -87,6 +88,26 @@ def route_template(scope: Scope) -> str:
     """The matched route's path template (bounded label values), never the raw path."""
     route: Any = scope.get("route")
     return str(getattr(route, "path", "unmatched"))
+
+
+class CountInFlight:
+    """Counts the requests to ``paths`` from arrival to answer, so that the batch worker can
+    wait for those already received (batching.Runner)."""
+
+    def __init__(self, app: ASGIApp, paths: frozenset[str], in_flight: InFlight) -> None:
+        self.app = app
+        self.paths = paths
+        self.in_flight = in_flight
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("path") not in self.paths:
+            await self.app(scope, receive, send)
+            return
+        self.in_flight.count += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight.count -= 1
 
 
 class ApiKeyGuard:

@@ -36,6 +36,8 @@ ERRORS: dict[int | str, dict[str, object]] = {
     code: {"model": ErrorResponse} for code in (401, 409, 413, 422, 503)}
 
 api = APIRouter(prefix="/v1", responses=ERRORS)
+# The routes whose model work goes through the runner (its batches).
+BATCHED_PATHS = frozenset({"/v1/score", "/v1/recommend"})
 probes = APIRouter()
 
 
