@@ -97,7 +97,7 @@ def serve(host: str, port: int, reuse_port: bool) -> int:
         sys.meta_path.insert(0, WithoutKeras())
 
     # Python's default runs a young collection every 700 net allocations, here about every 9
-    # requests: at 10,000, 32 connections got 6-12% more throughput (BENCHMARKS.md).
+    # requests: at 10,000, 32 connections got about 6% more throughput (BENCHMARKS.md).
     gc.set_threshold(YOUNG_COLLECTION_EVERY, *gc.get_threshold()[1:])
     config = uvicorn.Config(APP, factory=True, host=host, port=port, access_log=False,
                             timeout_graceful_shutdown=DRAIN_TIMEOUT_S)

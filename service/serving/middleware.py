@@ -1,4 +1,5 @@
-"""Per-request plumbing as plain ASGI (no per-request task overhead): request id, metrics, log."""
+"""Per-request plumbing as plain ASGI (no per-request task overhead): request id, metrics, log,
+the count of requests in flight."""
 
 from __future__ import annotations
 
