@@ -21,7 +21,7 @@ from service.serving.logs import configure_logging
 from service.serving.manager import ModelManager
 from service.serving.metrics import Metrics
 from service.serving.middleware import ApiKeyGuard, BodyGuard, CountInFlight, RequestContext
-from service.serving.routes import BATCHED_PATHS, api, probes
+from service.serving.routes import BATCHED_PATHS, api, hot, probes
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -133,6 +133,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = metrics
     add_error_handlers(app)
+    app.include_router(hot)
     app.include_router(api)
     app.include_router(probes)
     app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes, metrics=metrics)
