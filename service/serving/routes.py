@@ -39,6 +39,7 @@ Plane = Annotated[DataPlane, Depends(dataplane)]
 ERRORS: dict[int | str, dict[str, object]] = {
     code: {"model": ErrorResponse} for code in (401, 409, 413, 422, 503)}
 
+
 class BodyFromBytes(APIRoute):
     """A route whose endpoint takes ``(body, request)``, with the body validated straight from
     its bytes by one pydantic call, instead of through FastAPI's request handling (its
