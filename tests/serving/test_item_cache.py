@@ -127,6 +127,33 @@ def test_round_trip_is_byte_exact(make_cache: Callable[..., ItemMatrixCache], ro
     assert manifest["count"] == rows and manifest["dtype"] == "<f4"
 
 
+def test_an_entry_rewritten_while_it_is_read_is_read_again_whole(
+        make_cache: Callable[..., ItemMatrixCache], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunks are read a group at a time (READ_GROUP_CHUNKS), so that a read never holds the
+    matrix twice. Another writer's store between two groups replaces the whole entry: the read
+    starts again, and the result is one matrix, never a mix of two."""
+    writer, reader = make_cache(chunk_bytes=4_096), make_cache()
+    old, new = random_matrix(1_000, 16, seed=1), random_matrix(1_000, 16, seed=2)  # 16 chunks
+    assert writer.store(V1, old, IDS)
+    read_chunks = ItemMatrixCache._read_chunks
+    groups = 0
+
+    def rewritten_after_the_first_group(self: ItemMatrixCache, *args: object
+                                        ) -> Iterator[list[bytes | None]]:
+        nonlocal groups
+        for group in read_chunks(self, *args):  # type: ignore[arg-type]
+            groups += 1
+            if groups == 1:
+                assert writer.store(V1, new, IDS)
+            yield group
+
+    monkeypatch.setattr(ItemMatrixCache, "_read_chunks", rewritten_after_the_first_group)
+    loaded = reader.load(V1, IDS)
+    assert loaded is not None and loaded.tobytes() == new.tobytes()
+    assert groups == 3  # one group of the abandoned read, then the new entry's two
+    assert reader.stats.corrupt == 0
+
+
 def test_float64_input_is_stored_as_float32(cache: ItemMatrixCache) -> None:
     matrix = np.random.default_rng(1).standard_normal((50, 8))
     cache.store(V1, matrix, IDS)
