@@ -453,12 +453,14 @@ def naive(version_dir: Path, pairs: bool, requests: int = NAIVE_REQUESTS) -> dic
             parts = []
             for batch in batches:
                 user = embed([query] * len(batch))
-                item = item_tower(**item_inputs(spec.item_features, batch))["item_embedding"]
+                columns = batch.to_dict("list")
+                item = item_tower(**item_inputs(spec.item_features, columns))["item_embedding"]
                 parts.append(score(user_embedding=user,
                                    item_embedding=item[:, None, :])["score"].numpy()[:, 0])
             scores = np.concatenate(parts)
         else:
-            matrix = np.concatenate([item_tower(**item_inputs(spec.item_features, batch))
+            matrix = np.concatenate([item_tower(**item_inputs(spec.item_features,
+                                                              batch.to_dict("list")))
                                      ["item_embedding"].numpy() for batch in batches])
             scores = score(user_embedding=embed([query]),
                            item_embedding=tf.constant(matrix[None]))["score"].numpy()[0]

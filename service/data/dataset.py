@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import pandas as pd
+if TYPE_CHECKING:  # the serving process imports this module and never needs pandas
+    import pandas as pd
 
 # Column names shared by every layout once loaded.
 USER_ID = "user_id"

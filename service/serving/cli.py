@@ -79,17 +79,28 @@ def configuration_problem() -> str | None:
     return None
 
 
-class WithoutKeras(importlib.abc.MetaPathFinder):
-    """Keeps Keras out of the server process. `import tensorflow` imports Keras's optimizers
-    eagerly (so that Keras SavedModels can restore them) and refuses nothing when that import
-    fails; the service only loads tf.Module exports and never touches Keras, which weighs
-    about 500 modules and 100 to 200 MB of RSS per process (measured: `import tensorflow` 785
-    -> 583 MB, the whole app 814 -> 707 MB)."""
+class LeaveOut(importlib.abc.MetaPathFinder):
+    """Keeps libraries that the server never uses out of its process, where other libraries
+    import them only for integrations they skip when the import fails:
+
+    - Keras: `import tensorflow` imports its optimizers eagerly (so that Keras SavedModels can
+      restore them). The service loads tf.Module exports only. About 500 modules and 100 to
+      200 MB of RSS (measured: `import tensorflow` 785 -> 583 MB, the whole app 814 -> 707 MB).
+    - pandas: pyarrow imports it on the first `pa.array` call (to recognise its Series). About
+      430 modules and 50 MB of RSS (BENCHMARKS.md).
+    """
+
+    PACKAGES = ("keras.src", "pandas")
+
+    def __init__(self) -> None:
+        # One already imported (a test's process, say) stays usable.
+        self.packages = tuple(p for p in self.PACKAGES if p not in sys.modules)
 
     def find_spec(self, name: str, path: Sequence[str] | None,
                   target: object = None) -> importlib.machinery.ModuleSpec | None:
-        if name == "keras.src" or name.startswith("keras.src."):
-            raise ImportError(f"{name}: Keras is not used by the server process")
+        for package in self.packages:
+            if name == package or name.startswith(package + "."):
+                raise ImportError(f"{name}: not used by the server process")
         return None
 
 
@@ -97,8 +108,7 @@ def serve(host: str, port: int, reuse_port: bool) -> int:
     """One server process. Exits 0 after a graceful stop (SIGTERM drains in-flight requests)."""
     import uvicorn
 
-    if "tensorflow" not in sys.modules:
-        sys.meta_path.insert(0, WithoutKeras())
+    sys.meta_path.insert(0, LeaveOut())
 
     # Python's default runs a young collection every 700 net allocations, here about every 9
     # requests: at 10,000, 32 connections got about 6% more throughput (BENCHMARKS.md).

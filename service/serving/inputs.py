@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import tensorflow as tf
 
 from service.data.dataset import FeatureSpec
@@ -84,8 +83,9 @@ def user_inputs(spec: FeatureSpec, history_length: int,
     return tensors
 
 
-def item_inputs(spec: FeatureSpec, items: pd.DataFrame) -> dict[str, tf.Tensor]:
-    columns = {name: items[name].tolist() for name in spec.names}
-    tensors = side_features(spec, columns)
-    tensors["item_id"] = tf.constant(items["item_id"].to_numpy(dtype=object), tf.string)
+def item_inputs(spec: FeatureSpec, items: Mapping[str, Sequence[Any]]) -> dict[str, tf.Tensor]:
+    """items: "item_id" and every feature, each a column of values (Arrow's to_pydict, or
+    pandas' to_dict("list"))."""
+    tensors = side_features(spec, items)
+    tensors["item_id"] = tf.constant(np.array(items["item_id"], dtype=object), tf.string)
     return tensors

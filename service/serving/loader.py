@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -111,8 +110,10 @@ def read_tables(path: Path, spec: ModelSpec) -> tuple[IdIndex, AttributeIndex, S
                    set(pq.read_schema(users_file).names))
         if missing:
             raise ModelLoadError(f"asset tables lack columns {sorted(missing)}")
-        items = pq.read_table(items_file, columns=[ITEM_ID, *features.categorical,
-                                                   *features.multi])
+        # ParquetFile, not pq.read_table: that goes through pyarrow.dataset, which imports
+        # pandas, about 50 MB of each server process that nothing else needs.
+        with pq.ParquetFile(items_file) as table_file:
+            items = table_file.read(columns=[ITEM_ID, *features.categorical, *features.multi])
     except ModelLoadError:
         raise
     except Exception as exc:  # pyarrow raises many kinds for a damaged file
@@ -136,8 +137,9 @@ def item_ids(column: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
     return pc.cast(column, pa.large_string())
 
 
-def item_batches(version: ModelVersion, batch_size: int) -> Iterator[tuple[int, pd.DataFrame]]:
-    """(first row, rows) of the item table with every feature, read batch by batch from the
+def item_batches(version: ModelVersion,
+                 batch_size: int) -> Iterator[tuple[int, dict[str, list[Any]]]]:
+    """(first row, columns) of the item table with every feature, read batch by batch from the
     version's Parquet file: a million items' features never sit in memory beside their
     matrix. The ids must be the index's, in its order."""
     names = [ITEM_ID, *version.spec.item_features.names]
@@ -149,20 +151,15 @@ def item_batches(version: ModelVersion, batch_size: int) -> Iterator[tuple[int, 
             ids = version.item_index.ids.slice(start, batch.num_rows)
             if not item_ids(batch.column(ITEM_ID)).equals(ids):
                 raise ModelLoadError(f"the item table changed on disk (rows from {start})")
-            frame = batch.to_pandas(types_mapper=arrow_lists)
-            frame[ITEM_ID] = ids.to_pylist()
-            yield start, frame
+            columns = batch.to_pydict()
+            columns[ITEM_ID] = ids.to_pylist()
+            yield start, columns
             start += batch.num_rows
     except (OSError, pa.ArrowException) as exc:
         raise ModelLoadError(f"unreadable item table: {exc}") from exc
     if start != len(version.item_index):
         raise ModelLoadError(f"the item table changed on disk ({start} rows, "
                              f"{len(version.item_index)} indexed)")
-
-
-def arrow_lists(kind: pa.DataType) -> pd.ArrowDtype | None:
-    # List columns (genres, tags) stay in Arrow: Python lists cost far more.
-    return pd.ArrowDtype(kind) if pa.types.is_list(kind) else None
 
 
 def warm_up(version: ModelVersion) -> None:

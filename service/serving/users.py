@@ -93,8 +93,9 @@ class StoredUsers:
 
 def read_users(path: Path, feature_names: list[str],
                catalog: IdIndex | None = None) -> StoredUsers:
-    return StoredUsers(pq.read_table(path, columns=[USER_ID, HISTORY_COLUMN, *feature_names]),
-                       feature_names, catalog)
+    with pq.ParquetFile(path) as table_file:  # not pq.read_table: see loader.read_tables
+        table = table_file.read(columns=[USER_ID, HISTORY_COLUMN, *feature_names])
+    return StoredUsers(table, feature_names, catalog)
 
 
 def _encoded_histories(history: pa.Array) -> tuple[NDArray[np.int64], NDArray[np.int32],

@@ -83,6 +83,9 @@ def answers(server: Server) -> list[Any]:
     for user in ({"id": "u1"}, {"id": "u250"}, {}, {"features": {"gender": "X", "age": 30}}):
         out.append(server.post("/v1/recommend", {"user": user, "k": 15}))
         out.append(server.post("/v1/score", {"user": user, "item_ids": items}))
+    out.append(server.post("/v1/recommend", {
+        "user": {"id": "u1"}, "k": 5, "exclude_seen": True, "exclude_item_ids": items[:3],
+        "filters": {"category": ["books", "music"], "genre": ["family", "budget"]}}))
     return out
 
 
@@ -107,8 +110,14 @@ def test_replicas_share_one_item_matrix_and_survive_a_killed_peer(servers: list[
     expected = answers(servers[0])
     assert len(expected[0]["items"]) == 15
     assert expected[1]["unknown_item_ids"] == ["unknown"]
+    assert len(expected[-1]["items"]) == 5
     for server in servers[1:]:
         assert answers(server) == expected
+    # Having answered all of that, no server process has imported pandas (cli.LeaveOut: about
+    # 50 MB of each process).
+    for server in servers:
+        maps = Path(f"/proc/{server.process.pid}/maps").read_text()
+        assert "/site-packages/pandas/" not in maps
 
     # SIGKILL one replica (the one that computed, the lock holder) while the others serve.
     victim = next(s for s, load in zip(servers, loads, strict=True) if load.get("computed"))

@@ -65,7 +65,7 @@ def test_signatures_match_keras(exported) -> None:  # type: ignore[no-untyped-de
     assert set(SIGNATURES) <= set(saved.signatures)
     keras_items = item_matrix(result.model, result.encoded)
     exported_items = saved.signatures["item_tower"](
-        **item_inputs(spec.item_features, items))[ITEM_EMBEDDING].numpy()
+        **item_inputs(spec.item_features, items.to_dict("list")))[ITEM_EMBEDDING].numpy()
     assert np.abs(exported_items - keras_items).max() < TOLERANCE
 
     sample = users.head(64)
@@ -102,7 +102,8 @@ def test_signatures_match_keras(exported) -> None:  # type: ignore[no-untyped-de
 def rankings(result) -> np.ndarray:  # type: ignore[no-untyped-def]
     """Every user's full ranking of the catalog under the exported model."""
     saved, spec, items, users = load_version(result)
-    matrix = saved.signatures["item_tower"](**item_inputs(spec.item_features, items))[
+    columns = items.to_dict("list")
+    matrix = saved.signatures["item_tower"](**item_inputs(spec.item_features, columns))[
         ITEM_EMBEDDING]
     queries = [UserQuery(u, {n: r[n] for n in spec.user_features.names},
                          tuple(str(i) for i in h))
