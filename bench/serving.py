@@ -225,20 +225,24 @@ class RssSampler:
         self._stop.set()
         self._thread.join(timeout=5)
 
-    def serving_now(self) -> tuple[list[int], list[int]]:
-        """Current RSS and USS of the serving processes (as serving_peaks chooses them). USS
-        is the memory only that process holds: RSS less the pages it shares, such as
-        TensorFlow's library code, which every worker maps."""
+    def serving_now(self) -> tuple[list[int], list[int], list[int]]:
+        """Current RSS, USS and file-backed RSS of the serving processes (as serving_peaks
+        chooses them). USS is the memory only that process holds: RSS less the pages it
+        shares, such as TensorFlow's library code, which every worker maps. File-backed pages
+        (mostly that code) are the part that moves between runs and machines: the kernel maps
+        neighbours of each page touched when they are in its page cache."""
         rss: dict[int, int] = {}
         uss: dict[int, int] = {}
+        files: dict[int, int] = {}
         with contextlib.suppress(psutil.Error):
             for proc in [self.root, *self.root.children(recursive=True)]:
                 with contextlib.suppress(psutil.Error):
                     memory = proc.memory_full_info()
                     rss[proc.pid], uss[proc.pid] = memory.rss, memory.uss
+                    files[proc.pid] = memory.shared  # Linux: RssFile + RssShmem
         for pid, value in rss.items():
             self.peak[pid] = max(self.peak.get(pid, 0), value)
-        return self._serving(rss), self._serving(uss)
+        return self._serving(rss), self._serving(uss), self._serving(files)
 
     def serving_peaks(self) -> list[int]:
         """Peak RSS of the processes that serve: the workers, or the main process when
@@ -559,8 +563,10 @@ def mb(value: float) -> str:
 
 def rss_text(server: Server) -> str:
     ready, uss = server.extra.get("rss_at_ready_mb"), server.extra.get("uss_at_ready_mb")
+    files = server.extra.get("file_at_ready_mb")
     return ("peak " + "/".join(mb(v) for v in server.rss.serving_peaks()) + " MB"
-            + (" (when ready " + "/".join(str(v) for v in ready) + " MB, USS "
+            + (" (when ready " + "/".join(str(v) for v in ready) + " MB, file-backed "
+               + "/".join(str(v) for v in files or []) + ", USS "
                + "/".join(str(v) for v in uss or []) + " MB)" if ready else ""))
 
 
@@ -587,9 +593,10 @@ def run(args: argparse.Namespace, workdir: Path, rows: list[Row], raw: dict[str,
         server = start_server(label, name, workers, redis.url, workdir, log_level, **settings)
         servers.append(server)
         wait_ready(server, timeout_s)
-        rss, uss = server.rss.serving_now()
+        rss, uss, files = server.rss.serving_now()
         server.extra["rss_at_ready_mb"] = [round(v / MB) for v in rss]
         server.extra["uss_at_ready_mb"] = [round(v / MB) for v in uss]
+        server.extra["file_at_ready_mb"] = [round(v / MB) for v in files]
         print(f"  {label}: ready after {server.ready_s:.1f}s (app up after "
               f"{num(server.health_s)}s)", flush=True)
         return server
