@@ -5,13 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from service import ranking
 from service.model_format import RETRIEVAL_DOT, RETRIEVAL_EXHAUSTIVE
 from service.ranking import (
     PARALLEL_MIN_ITEMS,
+    RETRIEVAL_BLOCK_BYTES,
     Allowed,
     inner_products,
     rank,
     reaching,
+    retrieve,
     top_k_indices,
     top_k_of_columns,
 )
@@ -125,9 +128,15 @@ def test_rank_with_proposed_candidates_and_its_fallback() -> None:
     assert np.array_equal(fallback[0], exact[0])
 
 
-def test_rank_on_a_large_catalog_with_exclusions_matches_brute_force() -> None:
+# The catalog's scores in one block, or (for 5 users, padded to 8) in blocks of 9,000 rows:
+# 5 whole blocks, a ragged last one, and each user's exclusions in several of them.
+@pytest.mark.parametrize("block_bytes", [RETRIEVAL_BLOCK_BYTES, 4 * 8 * 9_000])
+def test_rank_on_a_large_catalog_with_exclusions_matches_brute_force(
+        block_bytes: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """The sampled-threshold path (catalog > SMALL_CATALOG), several users at once, each with
-    its own excluded rows, and the parallel product: the same as a full sort per user."""
+    its own excluded rows, and the parallel product: the same as a full sort per user, in one
+    block of rows or in several (RETRIEVAL_BLOCK_BYTES)."""
+    monkeypatch.setattr(ranking, "RETRIEVAL_BLOCK_BYTES", block_bytes)
     rng = np.random.default_rng(7)
     users = rng.standard_normal((5, 16)).astype(np.float32)
     items = rng.standard_normal((PARALLEL_MIN_ITEMS + 77, 16)).astype(np.float32)
@@ -145,3 +154,23 @@ def test_rank_on_a_large_catalog_with_exclusions_matches_brute_force() -> None:
         ok = np.ones(len(items), bool) if rule is None else rule.rows_ok(np.arange(len(items)))
         want = [int(i) for i in best[user] if ok[i]][:10]
         assert [int(i) for i in indices[user] if i >= 0] == want
+
+
+def test_retrieval_in_blocks_picks_what_one_block_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Integer-valued embeddings, so many items tie exactly: blocks of rows, merged, give the
+    same rows in the same order (ties: lower row first) and scores as one pass, which is a
+    stable sort of the allowed items' u·c."""
+    rng = np.random.default_rng(3)
+    users = np.round(rng.standard_normal((3, 4))).astype(np.float32)
+    items = np.round(rng.standard_normal((20_000, 4))).astype(np.float32)
+    rules = [Allowed(excluded=np.arange(0, 20_000, 7)), None,
+             Allowed(mask=np.arange(20_000) % 2 == 0)]
+    whole = retrieve(users, items, 300, rules)
+    monkeypatch.setattr(ranking, "RETRIEVAL_BLOCK_BYTES", 4 * 4 * 3_000)  # 7 blocks
+    in_blocks = retrieve(users, items, 300, rules)
+    assert np.array_equal(whole[0], in_blocks[0])
+    assert np.array_equal(whole[1], in_blocks[1])
+    coarse = users @ items.T
+    coarse[0, rules[0].excluded] = -np.inf
+    coarse[2, ~(np.arange(20_000) % 2 == 0)] = -np.inf
+    assert np.array_equal(whole[0], reference(coarse, 300))
