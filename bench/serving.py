@@ -17,8 +17,9 @@ Scenarios (--scenarios, default all):
        whole catalog, the user tower once, the head over every item; (2) literally the model on
        every (user, item) pair (user tower, item tower and head per pair)
     g  ready from Redis: a fresh 100k server while Redis holds its item matrix
-    h  1M items: compute + write of the item matrix, ready time, recommend p50/p99, peak RSS;
-       then a second start that reads the matrix from Redis, and its peak RSS
+    h  1M items: compute + write of the item matrix, ready time, recommend p50/p99 (1 and 32
+       connections), peak RSS; then a second start that reads the matrix from Redis, and its
+       peak RSS
     i  1M items with the approximate index (RECSYS_RETRIEVAL_INDEX=ivf): index build, recall@10
        against h's exact answers for 300 users, recommend p50/p99
 
@@ -739,6 +740,11 @@ def run(args: argparse.Namespace, workdir: Path, rows: list[Row], raw: dict[str,
             report = raw["h"] = load(server, "recommend", 1, duration, items=ITEMS_1M, seed=4)
             rows.append(load_row("h", "1M: recommend k=10", config, report, "p50<=15",
                                  report["errors"] == 0 and le(report["p50_ms"], 15)))
+            # Batches of concurrent users: the memory a loaded 1M server needs (peak RSS below).
+            print("  h: recommend, 32 connections", flush=True)
+            report = raw["h_32"] = load(server, "recommend", 32, duration, items=ITEMS_1M,
+                                        seed=5)
+            rows.append(load_row("h", "1M: recommend k=10", config, report))
             exact = recommendations(server, RECALL_USERS)
         finally:
             finish(server)
