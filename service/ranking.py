@@ -248,12 +248,26 @@ def rank(user_embeddings: NDArray[np.float32], item_matrix: NDArray[np.float32],
         for user, rule in enumerate(allowed):
             if rule is not None:
                 valid[user] = rule.rows_ok(candidates[user])
-    fine = np.array(head(user_embeddings, item_matrix[candidates]), dtype=np.float32)
+    fine = head_scores(head, user_embeddings, item_matrix, candidates)
     np.copyto(fine, np.float32(-np.inf), where=~valid)
     best = top_k_indices(fine, k)
     scores = np.take_along_axis(fine, best, axis=1)
     indices = np.where(np.isfinite(scores), np.take_along_axis(candidates, best, axis=1), -1)
     return indices, scores
+
+
+def head_scores(head: HeadFn, user_embeddings: NDArray[np.float32],
+                item_matrix: NDArray[np.float32], candidates: NDArray[np.int64],
+                ) -> NDArray[np.float32]:
+    """The head's score of each user's candidates [U, M], in blocks of candidates whose item
+    embeddings stay within RETRIEVAL_BLOCK_BYTES: the exhaustive retrieval's candidates are the
+    whole catalog, and [U, M, d] for 32 users over 100k items is 820 MB. A reranking's few
+    hundred candidates are one block."""
+    n_users, width = candidates.shape
+    block = max(1, RETRIEVAL_BLOCK_BYTES // (4 * item_matrix.shape[1] * max(n_users, 1)))
+    return np.concatenate(
+        [np.asarray(head(user_embeddings, item_matrix[candidates[:, start:start + block]]),
+                    dtype=np.float32) for start in range(0, max(width, 1), block)], axis=1)
 
 
 def proposed_candidates(propose: ProposeFn, user_embeddings: NDArray[np.float32], n: int,

@@ -58,8 +58,14 @@ def test_reaching_is_flatnonzero_of_the_compare(n: int, width: int) -> None:
     assert np.array_equal(reaching(scores, thresholds), np.flatnonzero(scores >= thresholds))
 
 
+# Also with the head's candidates in blocks of 8 (their item embeddings: 4 users x 8 items x
+# 8 dimensions x 4 bytes); retrieval's blocks never hold fewer rows than its depth, the whole
+# catalog here (test_retrieval_in_blocks_picks_what_one_block_does tests those).
+@pytest.mark.parametrize("block_bytes", [RETRIEVAL_BLOCK_BYTES, 4 * 4 * 70])
 @pytest.mark.parametrize("retrieval", [RETRIEVAL_DOT, RETRIEVAL_EXHAUSTIVE])
-def test_rank_with_full_depth_is_a_brute_force_ranking(retrieval: str) -> None:
+def test_rank_with_full_depth_is_a_brute_force_ranking(
+        retrieval: str, block_bytes: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ranking, "RETRIEVAL_BLOCK_BYTES", block_bytes)
     rng = np.random.default_rng(0)
     users = rng.standard_normal((4, 8)).astype(np.float32)
     items = rng.standard_normal((300, 8)).astype(np.float32)
