@@ -40,6 +40,11 @@ class Allowed:
         return ok & ~np.isin(rows, self.excluded)
 
 
+# scan(user_embedding [d], n, allowed) -> exactly what retrieve() gives that one user, rows [n]
+# and u·c [n], reached a faster way; None when it cannot tell (retrieve() then computes it).
+ScanFn = Callable[[NDArray[np.float32], int, Allowed | None],
+                  tuple[NDArray[np.int64], NDArray[np.float32]] | None]
+
 # Below this many items a plain partial selection is as fast as anything.
 SMALL_CATALOG = 8192
 SAMPLE_SIZE = 2048
@@ -185,11 +190,15 @@ RETRIEVAL_BLOCK_BYTES = 32 << 20
 
 
 def retrieve(user_embeddings: NDArray[np.float32], item_matrix: NDArray[np.float32], n: int,
-             allowed: Sequence[Allowed | None]) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
+             allowed: Sequence[Allowed | None], scan: ScanFn | None = None,
+             ) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
     """Per user, the n best allowed items by u·c (best first, ties: lower row first) and their
     u·c, -inf for a slot past a user's allowed items: rows [U, n'] and scores [U, n'], n' =
-    min(n, items)."""
+    min(n, items). A lone user goes through ``scan`` first, when given."""
     n_users = user_embeddings.shape[0]
+    if scan is not None and n_users == 1 and (found := scan(user_embeddings[0], n,
+                                                            allowed[0])) is not None:
+        return found[0][None], found[1][None]
     width = padded_width(n_users) if n_users > 1 else 1
     block = max(n, RETRIEVAL_BLOCK_BYTES // (4 * width))
     parts = [_best_in_rows(user_embeddings, item_matrix, start, start + block, n, allowed)
@@ -223,14 +232,15 @@ def _best_in_rows(user_embeddings: NDArray[np.float32], item_matrix: NDArray[np.
 def rank(user_embeddings: NDArray[np.float32], item_matrix: NDArray[np.float32], k: int,
          head: HeadFn, retrieval: str = RETRIEVAL_DOT, depth: int = 200,
          allowed: Sequence[Allowed | None] | None = None, propose: ProposeFn | None = None,
-         ) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
+         scan: ScanFn | None = None) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
     """The k best items per user: item indices [U, k] and head scores [U, k].
 
     ``allowed`` (one per user, None: every item) masks out excluded or filtered items. Slots
     with no allowed item left have index -1 and score -inf. With dot retrieval the best
     max(depth, k) items by u·c are reranked by the head; "exhaustive" retrieval scores every
     item with the head. ``propose`` (an approximate index) replaces the exact u·c retrieval,
-    unless its candidates leave some user fewer than k allowed items.
+    unless its candidates leave some user fewer than k allowed items. ``scan`` is a faster
+    way to the exact retrieval's own result for a lone user (see retrieve).
     """
     n_users, n_items = user_embeddings.shape[0], item_matrix.shape[0]
     allowed = allowed if allowed is not None else [None] * n_users
@@ -240,7 +250,7 @@ def rank(user_embeddings: NDArray[np.float32], item_matrix: NDArray[np.float32],
         candidates, valid = proposed
     elif retrieval == RETRIEVAL_DOT:
         candidates, coarse_scores = retrieve(user_embeddings, item_matrix, max(depth, k),
-                                             allowed)
+                                             allowed, scan)
         valid = np.isfinite(coarse_scores)
     else:
         candidates = np.broadcast_to(np.arange(n_items, dtype=np.int64), (n_users, n_items))

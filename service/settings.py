@@ -46,6 +46,11 @@ class Settings(BaseSettings):
     retrieval_index: Literal["exact", "ivf"] = "exact"
     """How retrieval by u·c finds its candidates: "exact" scores every item; "ivf" asks an
     approximate Faiss index (for catalogs of about a million items and more)."""
+    quantized_scan: bool = True
+    """Exact retrieval for a lone request first scans an 8-bit copy of the item matrix (d bytes
+    per item more memory; see serving/quantized_scan.py), then checks its candidates against
+    the float32 matrix: the same answer, about twice as fast at 1M items. Off: the float32
+    product only."""
     precompute_users: bool = True
     """Compute every stored user's embedding in the background once a version is served
     (otherwise each on the user's first request); 4·d bytes per stored user, for at most a

@@ -24,6 +24,7 @@ from service.serving.errors import ModelLoadError
 from service.serving.item_cache import ItemMatrixCache, VersionedHash, VersionKey
 from service.serving.loader import ModelVersion, load_version
 from service.serving.metrics import Metrics
+from service.serving.quantized_scan import QuantizedScan
 from service.serving.servable import ServingModel, compute_item_matrix
 from service.settings import Settings
 
@@ -131,7 +132,8 @@ class ModelManager:
                  version.version, len(matrix), "read from redis" if source == "redis"
                  else "computed", elapsed)
         serving = ServingModel(version, matrix, source, self.settings.rerank_depth,
-                               self._approximate_index(version, matrix))
+                               self._approximate_index(version, matrix),
+                               self._quantized_scan(version, matrix))
         if self.cache is not None:
             self._publish_users(serving)
         return serving
@@ -146,6 +148,16 @@ class ModelManager:
                  "%.2fs", version.name, version.version, index.lists, index.index.nprobe,
                  time.monotonic() - started)
         return index
+
+    def _quantized_scan(self, version: ModelVersion,
+                        matrix: np.ndarray) -> QuantizedScan | None:
+        if not self.settings.quantized_scan or version.spec.retrieval != RETRIEVAL_DOT:
+            return None
+        started = time.monotonic()
+        scan = QuantizedScan(matrix)
+        log.info("model %s version %d: 8-bit scan copy (%d MB) built in %.2fs", version.name,
+                 version.version, scan.nbytes >> 20, time.monotonic() - started)
+        return scan
 
     def settle_cache(self) -> None:
         """Checks Redis (each maintenance tick): logs and exports whether it answers, and puts

@@ -23,6 +23,7 @@ from service.serving.ann import ApproximateIndex
 from service.serving.errors import InvalidFeature, UnknownFeature, UnknownFilter
 from service.serving.inputs import UserQuery, item_inputs, user_inputs
 from service.serving.loader import ModelVersion, item_batches
+from service.serving.quantized_scan import QuantizedScan
 from service.serving.query_time import QueryTimeVectors
 from service.serving.user_embeddings import UserEmbeddings
 from service.serving.users import StoredUser
@@ -83,13 +84,15 @@ class ScoreCall:
 
 class ServingModel:
     def __init__(self, version: ModelVersion, item_matrix: NDArray[np.float32], source: str,
-                 rerank_depth: int, approximate: ApproximateIndex | None = None) -> None:
+                 rerank_depth: int, approximate: ApproximateIndex | None = None,
+                 scan: QuantizedScan | None = None) -> None:
         self.version = version
         self.spec = version.spec
         self.item_matrix = item_matrix
         self.source = source
         self.rerank_depth = rerank_depth
         self.approximate = approximate
+        self.scan = scan
         self.item_index = version.item_index
         self.attributes = version.item_attributes
         self.users = version.users
@@ -244,7 +247,8 @@ class ServingModel:
         users = self.embed([c.query for c in calls])
         indices, scores = rank(users, self.item_matrix, max(c.k for c in calls), self.head,
                                self.spec.retrieval, depth, [c.allowed for c in calls],
-                               self.approximate.search if self.approximate else None)
+                               self.approximate.search if self.approximate else None,
+                               self.scan)
         results = []
         for row, call in enumerate(calls):
             found = indices[row, :call.k] >= 0
