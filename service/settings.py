@@ -50,7 +50,7 @@ class Settings(BaseSettings):
     """Exact retrieval for a lone request first scans an 8-bit copy of the item matrix (d bytes
     per item more memory; see serving/quantized_scan.py), then checks its candidates against
     the float32 matrix: the same answer, about twice as fast at 1M items. Off: the float32
-    product only."""
+    product only. Not with retrieval_index "ivf"."""
     precompute_users: bool = True
     """Compute every stored user's embedding in the background once a version is served
     (otherwise each on the user's first request); 4·d bytes per stored user, for at most a

@@ -151,7 +151,9 @@ class ModelManager:
 
     def _quantized_scan(self, version: ModelVersion,
                         matrix: np.ndarray) -> QuantizedScan | None:
-        if not self.settings.quantized_scan or version.spec.retrieval != RETRIEVAL_DOT:
+        # With an approximate index, exact retrieval is only the rare fallback.
+        if (not self.settings.quantized_scan or self.settings.retrieval_index != "exact"
+                or version.spec.retrieval != RETRIEVAL_DOT):
             return None
         started = time.monotonic()
         scan = QuantizedScan(matrix)

@@ -24,9 +24,9 @@ from service.ranking import PARALLEL_MIN_ITEMS, Allowed
 # item's place by a few dozen ranks at most around the 200th of 100k (synthetic model).
 EXTRA_SHARE = 0.5
 EXTRA_MIN = 64
-# Quantised and added to the index a block of rows at a time (its float64 error check
-# would otherwise copy the whole matrix).
-BLOCK_ROWS = 65536
+# Quantised and added to the index a block of rows at a time: the scaled rows and the float64
+# error check are copies (4 MB and 8 MB a block).
+BLOCK_ROWS = 16384
 # Float32 rounding of a 64-term dot product is at most about 64 · 2^-24 of Σ|u_j c_j|;
 # four times that covers the copy's, the query scaling's and the float32 product's alike.
 ROUNDING = 4 * 2.0 ** -24
@@ -66,6 +66,8 @@ class QuantizedScan:
         index = faiss.IndexScalarQuantizer(self.dim, faiss.ScalarQuantizer.QT_8bit_uniform,
                                            faiss.METRIC_INNER_PRODUCT)
         index.train(np.array([[-LEVEL] * self.dim, [LEVEL] * self.dim], dtype=np.float32))
+        # Sized once: grown by each add, the codes would be copied into ever larger buffers.
+        index.codes.resize(len(rows) * index.code_size)
         for start in range(0, len(rows), BLOCK_ROWS):
             block = rows[start:start + BLOCK_ROWS]
             index.add(block * self.scale)
