@@ -230,7 +230,7 @@ def _best_in_rows(user_embeddings: NDArray[np.float32], item_matrix: NDArray[np.
 
 
 def rank(user_embeddings: NDArray[np.float32], item_matrix: NDArray[np.float32], k: int,
-         head: HeadFn, retrieval: str = RETRIEVAL_DOT, depth: int = 200,
+         head: HeadFn, retrieval: str = RETRIEVAL_DOT, depth: int = 100,
          allowed: Sequence[Allowed | None] | None = None, propose: ProposeFn | None = None,
          scan: ScanFn | None = None) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
     """The k best items per user: item indices [U, k] and head scores [U, k].

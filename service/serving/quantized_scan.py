@@ -20,8 +20,8 @@ from numpy.typing import NDArray
 
 from service.ranking import PARALLEL_MIN_ITEMS, Allowed
 
-# Candidates searched beyond the n asked, as a share of n: with n/2 more, every one of 300
-# users of the benchmark's model was proven, at 100k items and at 1M (n = 200).
+# Candidates searched beyond the n asked: with these, every one of 300 users of the
+# benchmark's model was proven, at 100k items (n = 100 and 200) and at 1M (n = 200).
 EXTRA_SHARE = 0.5
 EXTRA_MIN = 64
 # Quantised and added to the index a block of rows at a time: the scaled rows and the float64

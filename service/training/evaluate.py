@@ -104,7 +104,7 @@ def chunks(n: int, size: int = USER_CHUNK) -> Iterator[slice]:
 
 
 def evaluate_model(model: Recommender, encoded: Encoded, data: EvalSet,
-                   depth: int = 200) -> dict[str, float]:
+                   depth: int = 100) -> dict[str, float]:
     items = item_matrix(model, encoded)
     head = head_scores(model)
     retrieval = "exhaustive" if model.config.arch == ARCH_SEED else "dot"

@@ -60,7 +60,7 @@ class RunOptions:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     history_length: int = 50
-    rerank_depth: int = 200
+    rerank_depth: int = 100
     # Stream the training examples from Parquet shards on disk instead of holding them in
     # memory (example_input.py); always on under a multi-worker strategy.
     stream_examples: bool = False

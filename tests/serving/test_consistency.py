@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 from service.serving.inputs import item_inputs
 from service.serving.loader import read_metadata
+from service.settings import Settings
 
 from .helpers import make_settings, ok_json, started_client
 
@@ -259,17 +260,24 @@ def test_recommend_equals_brute_force_over_the_catalog(exhaustive_client: TestCl
 def test_recommend_equals_two_stage_reference(shallow_client: TestClient,
                                               reference: Reference,
                                               body: dict[str, Any]) -> None:
+    expected, scores, allowed = two_stage(reference, body, SHALLOW_DEPTH)
+    got = ok_json(shallow_client.post("/v1/recommend", json=body))["items"]
+    assert_same_ranking(reference, got, expected, scores, allowed)
+
+
+def two_stage(reference: Reference, body: dict[str, Any], depth: int,
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The expected rows (the head's top k of the best max(depth, k) by u·c), the head's
+    scores of the candidates (NaN elsewhere) and the allowed mask."""
     embedding, allowed, _ = expected_inputs(reference, body)
     k = body["k"]
     coarse = (embedding @ reference.item_matrix.T)[0]
-    candidates = stable_top(coarse, np.flatnonzero(allowed), max(SHALLOW_DEPTH, k))
+    candidates = stable_top(coarse, np.flatnonzero(allowed), max(depth, k))
     fine = reference.head(embedding, candidates)
     order = np.argsort(-fine, kind="stable")[:k]
-    expected = candidates[order]
     scores = np.full(len(reference.item_ids), np.nan, dtype=np.float32)
     scores[candidates] = fine
-    got = ok_json(shallow_client.post("/v1/recommend", json=body))["items"]
-    assert_same_ranking(reference, got, expected, scores, allowed)
+    return candidates[order], scores, allowed
 
 
 @HYPOTHESIS
@@ -287,10 +295,12 @@ def test_score_equals_the_head(exhaustive_client: TestClient, reference: Referen
                                atol=SCORE_TOL, rtol=0)
 
 
-def test_default_depth_covers_this_catalog(client: TestClient, reference: Reference) -> None:
-    """With the default depth (200 > 150 items) the service is exhaustive here as well."""
+def test_default_depth_is_the_settings_one(client: TestClient, reference: Reference) -> None:
+    """The default settings rerank Settings().rerank_depth items (fewer than this catalog's
+    150), as the two-stage reference does at that depth."""
+    depth = Settings().rerank_depth
+    assert depth < len(reference.item_ids)
     body = {"user": {"id": "u9"}, "k": 30, "exclude_seen": False}
-    _, allowed, scores = expected_inputs(reference, body)
-    expected = stable_top(scores, np.flatnonzero(allowed), 30)
+    expected, scores, allowed = two_stage(reference, body, depth)
     got = ok_json(client.post("/v1/recommend", json=body))["items"]
     assert_same_ranking(reference, got, expected, scores, allowed)
