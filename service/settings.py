@@ -44,7 +44,7 @@ class Settings(BaseSettings):
     rerank_depth: int = Field(100, ge=1)
     """How many items retrieval by u·c passes to the head for reranking. On ml-100k the
     default model's HR@10 and NDCG@10 are the same from 25 to the whole catalog; on the
-    synthetic data they fall as the depth grows (BENCHMARKS.md, "Rerank depth")."""
+    synthetic data they fall as the depth grows (BENCHMARKS.md, tenth session)."""
     retrieval_index: Literal["exact", "ivf"] = "exact"
     """How retrieval by u·c finds its candidates: "exact" scores every item; "ivf" asks an
     approximate Faiss index (for catalogs of about a million items and more)."""
