@@ -339,8 +339,8 @@ class InteractionHead(keras.Model):
     def _mlp(self, users: tf.Tensor, items: tf.Tensor) -> tf.Tensor:
         """The MLP over [u, c, u⊙c], its first layer split by what its terms depend on:
         [u, c, u⊙c]·W + b = (u·W_u + b) + [c, u⊙c]·W_rest, the first term once per user
-        instead of once per candidate (the head is the rerank's cost: 200 candidates a
-        user), and u never broadcast to every candidate."""
+        instead of once per candidate (the head is the rerank's cost: rerank-depth
+        candidates a user), and u never broadcast to every candidate."""
         first = self.mlp[0]
         dim = int(users.shape[-1])
         if not first.built:  # created as a first call would, so initialisation is unchanged
