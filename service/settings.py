@@ -49,8 +49,9 @@ class Settings(BaseSettings):
     """How retrieval by u·c finds its candidates: "exact" scores every item; "ivf" asks an
     approximate Faiss index (for catalogs of about a million items and more)."""
     quantized_scan: bool = True
-    """Exact retrieval for a lone request first scans an 8-bit copy of the item matrix (d bytes
-    per item more memory; see serving/quantized_scan.py), then checks its candidates against
+    """Exact retrieval for a lone request over 50k items or more first scans an 8-bit copy of
+    the item matrix (d bytes per item more memory; see serving/quantized_scan.py), then checks
+    its candidates against
     the float32 matrix: the same answer, about twice as fast at 1M items. Off: the float32
     product only. Not with retrieval_index "ivf"."""
     precompute_users: bool = True

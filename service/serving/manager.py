@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from service.model_format import RETRIEVAL_DOT, version_dirs
+from service.serving import quantized_scan
 from service.serving.ann import ApproximateIndex
 from service.serving.errors import ModelLoadError
 from service.serving.item_cache import ItemMatrixCache, VersionedHash, VersionKey
@@ -153,7 +154,8 @@ class ModelManager:
                         matrix: np.ndarray) -> QuantizedScan | None:
         # With an approximate index, exact retrieval is only the rare fallback.
         if (not self.settings.quantized_scan or self.settings.retrieval_index != "exact"
-                or version.spec.retrieval != RETRIEVAL_DOT):
+                or version.spec.retrieval != RETRIEVAL_DOT
+                or len(matrix) < quantized_scan.MIN_ITEMS):
             return None
         started = time.monotonic()
         scan = QuantizedScan(matrix)

@@ -7,8 +7,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from service.ranking import Allowed, retrieve
+from service.serving import quantized_scan
 from service.serving.quantized_scan import QuantizedScan
 from tests.serving.helpers import make_settings, ok_json, started_client
 
@@ -69,7 +71,9 @@ def test_declines_what_it_cannot_prove() -> None:
     assert QuantizedScan(broken)(users[0], 50, None) is None
 
 
-def test_service_answers_the_same_with_the_scan(model_store: Path, redis_url: str) -> None:
+def test_service_answers_the_same_with_the_scan(model_store: Path, redis_url: str,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(quantized_scan, "MIN_ITEMS", 0)  # this catalog is far smaller
     bodies = [{"user": {"id": f"u{n}"}, "k": 10} for n in (1, 2, 3, 50)] + [
         {"user": {"id": "u4"}, "k": 5, "exclude_item_ids": ["i1", "i2"]},
         {"user": {"features": {"age": 30}}, "k": 5, "filters": {"category": ["books"]}}]
@@ -85,3 +89,8 @@ def test_service_answers_the_same_with_the_scan(model_store: Path, redis_url: st
                 user = serving.embed([serving.query("u1", None)])[0]
                 assert serving.scan(user, 5, None) is not None  # the path was taken
     assert answers[True] == answers[False]
+
+
+def test_no_copy_for_a_small_catalog(model_store: Path, redis_url: str) -> None:
+    with started_client(make_settings(model_store, redis_url)) as client:
+        assert client.app.state.manager.current.scan is None  # type: ignore[attr-defined]
