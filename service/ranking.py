@@ -185,8 +185,9 @@ def inner_products(users: NDArray[np.float32], items: NDArray[np.float32]
 # A batch's products over a large catalog are computed, and cut to each user's best, a block of
 # rows at a time, so that a batch never holds its whole [items x users] score matrix: at 1M
 # items, 32 users' scores are 128 MB (a 1M server under 32 connections peaked 180 MB above its
-# idle RSS). Below this many bytes (100k items: any batch; 1M: up to 8 users) there is one block.
-RETRIEVAL_BLOCK_BYTES = 32 << 20
+# idle RSS; with 32 MB blocks, 59 to 115 MB). Below this many bytes (100k items: any batch of
+# up to 40 users; 1M: up to 4 users) there is one block.
+RETRIEVAL_BLOCK_BYTES = 16 << 20
 
 
 def retrieve(user_embeddings: NDArray[np.float32], item_matrix: NDArray[np.float32], n: int,
