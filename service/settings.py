@@ -8,6 +8,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.ranking import RERANK_DEPTH
+
 
 class Settings(BaseSettings):
     # An empty variable (e.g. compose's `RECSYS_API_KEY:`) means unset, never an empty key.
@@ -41,19 +43,17 @@ class Settings(BaseSettings):
     """Most item ids accepted in one request (item_ids, exclude_item_ids)."""
     max_body_bytes: int = Field(4 << 20, ge=1024)
     """Largest request body accepted (413 beyond); 10,000 ids of 256 characters fit."""
-    rerank_depth: int = Field(100, ge=1)
-    """How many items retrieval by u·c passes to the head for reranking. On ml-100k the
-    default model's HR@10 and NDCG@10 are the same from 25 to the whole catalog; on the
-    synthetic data they fall as the depth grows (BENCHMARKS.md, tenth session)."""
+    rerank_depth: int = Field(RERANK_DEPTH, ge=1)
+    """How many items retrieval by u·c passes to the head for reranking (see
+    ranking.RERANK_DEPTH for the default's measurements)."""
     retrieval_index: Literal["exact", "ivf"] = "exact"
     """How retrieval by u·c finds its candidates: "exact" scores every item; "ivf" asks an
     approximate Faiss index (for catalogs of about a million items and more)."""
     quantized_scan: bool = True
     """Exact retrieval for a lone request over 50k items or more first scans an 8-bit copy of
     the item matrix (d bytes per item more memory; see serving/quantized_scan.py), then checks
-    its candidates against
-    the float32 matrix: the same answer, about twice as fast at 1M items. Off: the float32
-    product only. Not with retrieval_index "ivf"."""
+    its candidates against the float32 matrix: the same answer, about twice as fast at 1M
+    items. Off: the float32 product only. Not with retrieval_index "ivf"."""
     precompute_users: bool = True
     """Compute every stored user's embedding in the background once a version is served
     (otherwise each on the user's first request); 4·d bytes per stored user, for at most a

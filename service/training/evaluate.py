@@ -18,7 +18,7 @@ from numpy.typing import NDArray
 
 from service.data.dataset import ITEM_ID, LABEL, TIMESTAMP, TRUE_PROBABILITY, USER_ID
 from service.model_format import time_buckets
-from service.ranking import Allowed, rank
+from service.ranking import RERANK_DEPTH, Allowed, rank
 from service.training import metrics
 from service.training.features import FeatureSchema, PositiveSequences, positive_sequences
 from service.training.model import ARCH_SEED, Recommender
@@ -104,7 +104,7 @@ def chunks(n: int, size: int = USER_CHUNK) -> Iterator[slice]:
 
 
 def evaluate_model(model: Recommender, encoded: Encoded, data: EvalSet,
-                   depth: int = 100) -> dict[str, float]:
+                   depth: int = RERANK_DEPTH) -> dict[str, float]:
     items = item_matrix(model, encoded)
     head = head_scores(model)
     retrieval = "exhaustive" if model.config.arch == ARCH_SEED else "dot"

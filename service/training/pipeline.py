@@ -17,6 +17,7 @@ import tensorflow as tf
 
 from service.data.dataset import ITEM_ID, LABEL, USER_ID, Dataset, FeatureSpec
 from service.model_format import FORMAT_VERSION, RETRIEVAL_DOT, RETRIEVAL_EXHAUSTIVE, ModelSpec
+from service.ranking import RERANK_DEPTH
 from service.training import evaluate, metrics
 from service.training.distribution import is_chief, worker_count, workers_note
 from service.training.example_input import (
@@ -60,7 +61,7 @@ class RunOptions:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     history_length: int = 50
-    rerank_depth: int = 100
+    rerank_depth: int = RERANK_DEPTH
     # Stream the training examples from Parquet shards on disk instead of holding them in
     # memory (example_input.py); always on under a multi-worker strategy.
     stream_examples: bool = False
